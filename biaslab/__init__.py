@@ -1,0 +1,43 @@
+"""biaslab: exact and statistical bias/variance of KL-divergence gradient estimators for RL on LLMs."""
+
+from .estimators import (
+    Estimator,
+    EstimatorError,
+    clamped,
+    get_estimator,
+    register_estimator,
+    registered_estimators,
+    straight_through,
+)
+from .exact import EnumerationTooLarge, ExactEngine, ExactResult, enumerate_sequences
+from .placements import Credit, KLConfig, Level, Placement, TokenBatch, all_configs, make_config
+from .toy import AutoregressiveModel, ModelError, NeuralAR, TabularAR, make_pair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Estimator",
+    "EstimatorError",
+    "clamped",
+    "get_estimator",
+    "register_estimator",
+    "registered_estimators",
+    "straight_through",
+    "EnumerationTooLarge",
+    "ExactEngine",
+    "ExactResult",
+    "enumerate_sequences",
+    "Credit",
+    "KLConfig",
+    "Level",
+    "Placement",
+    "TokenBatch",
+    "all_configs",
+    "make_config",
+    "AutoregressiveModel",
+    "ModelError",
+    "NeuralAR",
+    "TabularAR",
+    "make_pair",
+    "__version__",
+]

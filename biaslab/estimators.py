@@ -1,0 +1,206 @@
+"""Per-token KL estimators: the values k1, k2, k3, abs, their clamped and straight-through variants.
+
+Every estimator shares one signature, ``k(logp, logp_ref) -> Tensor`` of the same shape, where ``logp`` is
+log pi_theta(y_t | y_<t) at the sampled token (differentiable) and ``logp_ref`` is log pi_ref(y_t | y_<t) (fixed).
+With ``delta = logp - logp_ref`` and ``r = pi_ref / pi_theta = exp(-delta)``, each estimates the *reverse* KL
+KL(pi_theta || pi_ref) of the next-token distribution when y_t ~ pi_theta:
+
+    k1  = delta                      E[k1] = KL (unbiased value)
+    k2  = delta**2 / 2               E[k2] = KL + O(KL^2) (biased value, an f-divergence)
+    k3  = r - 1 - log r              E[k3] = KL (unbiased value because E[r - 1] = 0)
+    abs = |delta|                    biased value
+
+Whether the *gradient* that reaches theta is unbiased is a separate question decided by the placement
+(``biaslab.placements``) and answered by computation (``biaslab.exact``), never by a flag on the estimator.
+
+Estimators that need the whole next-token distribution (the Rao-Blackwellized ``rb``) set
+``needs_full_logits=True`` and take ``(logp_full, logp_ref_full)`` of shape (..., V) instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EstimatorFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class EstimatorError(ValueError):
+    """A KL estimator is unknown, or returned something that cannot be a per-token estimate."""
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A named per-token estimator of the reverse KL(pi_theta || pi_ref).
+
+    Attributes:
+        name: registry key.
+        fn: ``fn(logp, logp_ref) -> Tensor`` of the same shape; or, when ``needs_full_logits``,
+            ``fn(logp_full, logp_ref_full) -> Tensor`` with the last (vocabulary) axis reduced.
+        description: one line with the formula.
+        needs_full_logits: capability flag: the estimator reads the whole next-token distribution,
+            so it has no sequence-level form and the LLM path must keep full logits.
+    """
+
+    name: str
+    fn: EstimatorFn
+    description: str = ""
+    needs_full_logits: bool = False
+
+    def __call__(self, logp: Tensor, logp_ref: Tensor) -> Tensor:
+        """Evaluate and validate: the result must have the expected shape and be finite."""
+        expected = logp.shape[:-1] if self.needs_full_logits else logp.shape
+        try:
+            out = self.fn(logp, logp_ref)
+        except Exception as exc:  # a user function failing: name it, keep the cause
+            raise EstimatorError(f"estimator {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, Tensor):
+            raise EstimatorError(
+                f"estimator {self.name!r} returned {type(out).__name__}, expected a torch.Tensor "
+                f"of shape {tuple(expected)}"
+            )
+        if out.shape != expected:
+            raise EstimatorError(
+                f"estimator {self.name!r} returned shape {tuple(out.shape)} for inputs of shape "
+                f"{tuple(logp.shape)}; expected one value per token, shape {tuple(expected)}"
+            )
+        if not torch.isfinite(out).all():
+            bad = (~torch.isfinite(out)).sum().item()
+            raise EstimatorError(f"estimator {self.name!r} returned {bad} non-finite value(s) (NaN or inf)")
+        return out
+
+
+# ---------------------------------------------------------------- the values (one place for the math)
+
+
+def k1(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k1 = delta = log pi(y_t) - log pi_ref(y_t). Unbiased for the reverse KL; can be negative."""
+    return logp - logp_ref
+
+
+def k2(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k2 = (log r)^2 / 2 = delta^2 / 2. Biased for the reverse KL (second-order approximation), >= 0."""
+    return 0.5 * (logp - logp_ref) ** 2
+
+
+def k3(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """k3 = r - 1 - log r with r = pi_ref / pi = exp(-delta). Unbiased for the reverse KL, >= 0."""
+    delta = logp - logp_ref
+    return torch.expm1(-delta) + delta
+
+
+def abs_delta(logp: Tensor, logp_ref: Tensor) -> Tensor:
+    """abs = |delta|. Biased for the reverse KL (as in verl/SkyRL ``abs``)."""
+    return (logp - logp_ref).abs()
+
+
+def rb_full(logp_full: Tensor, logp_ref_full: Tensor) -> Tensor:
+    """Rao-Blackwellized k1: sum_v pi(v|prefix) (log pi(v|prefix) - log pi_ref(v|prefix)).
+
+    The exact next-token reverse KL(pi(.|y_<t) || pi_ref(.|y_<t)) at the visited prefix; inputs (..., V),
+    output (...). Unbiased for the reverse KL with lower variance than k1 (Amini, Vieira, Cotterell 2025).
+    """
+    return (logp_full.exp() * (logp_full - logp_ref_full)).sum(-1)
+
+
+# ---------------------------------------------------------------- variants
+
+
+def clamped(
+    base: Estimator | str,
+    input_clamp: float | None = None,
+    output_clamp: float | None = None,
+    name: str | None = None,
+) -> Estimator:
+    """The estimator ``base`` with delta clamped to +-input_clamp before it and the value to +-output_clamp after.
+
+    This is how frameworks guard k3 (verl ``low_var_kl``: input +-20, output +-10; OpenRLHF: output +-10).
+    Inside the clamps the gradient is the base's; outside it is zero.
+    """
+    base = get_estimator(base)
+    if base.needs_full_logits:
+        raise EstimatorError(f"clamped() takes a per-token estimator; {base.name!r} needs full logits")
+
+    def fn(logp: Tensor, logp_ref: Tensor) -> Tensor:
+        if input_clamp is not None:
+            logp = logp_ref + (logp - logp_ref).clamp(-input_clamp, input_clamp)
+        out = base.fn(logp, logp_ref)
+        if output_clamp is not None:
+            out = out.clamp(-output_clamp, output_clamp)
+        return out
+
+    auto = f"{base.name}_clamped" if name is None else name
+    return Estimator(auto, fn, f"{base.name} with delta in +-{input_clamp}, value in +-{output_clamp}")
+
+
+def straight_through(value: Estimator | str, grad: Estimator | str, name: str | None = None) -> Estimator:
+    """Value of one estimator with the gradient of another: ``v.detach() + g - g.detach()``.
+
+    verl's ``low_var_kl+`` is ``straight_through("k3_clamped", "k2")``: the loss reads k3, backpropagates k2.
+    """
+    value, grad = get_estimator(value), get_estimator(grad)
+
+    def fn(logp: Tensor, logp_ref: Tensor) -> Tensor:
+        g = grad.fn(logp, logp_ref)
+        return value.fn(logp, logp_ref).detach() + (g - g.detach())
+
+    return Estimator(name or f"{value.name}_st_{grad.name}", fn, f"value of {value.name}, gradient of {grad.name}")
+
+
+# ---------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Estimator] = {}
+
+
+def register_estimator(
+    name: str,
+    fn: EstimatorFn | Estimator,
+    description: str = "",
+    *,
+    needs_full_logits: bool = False,
+    overwrite: bool = False,
+) -> Estimator:
+    """Register ``fn(logp, logp_ref) -> Tensor`` under ``name`` so configurations and the CLI can use it."""
+    if not overwrite and name in _REGISTRY:
+        raise EstimatorError(f"estimator {name!r} is already registered (pass overwrite=True to replace it)")
+    if isinstance(fn, Estimator):
+        est = Estimator(name, fn.fn, description or fn.description, fn.needs_full_logits)
+    else:
+        if not callable(fn):
+            raise EstimatorError(f"estimator {name!r}: {fn!r} is not callable")
+        est = Estimator(name, fn, description or (fn.__doc__ or "").strip().split("\n")[0], needs_full_logits)
+    _REGISTRY[name] = est
+    return est
+
+
+def get_estimator(name: str | Estimator) -> Estimator:
+    """Look up an estimator by name (an ``Estimator`` passes through)."""
+    if isinstance(name, Estimator):
+        return name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise EstimatorError(f"unknown estimator {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def registered_estimators() -> dict[str, Estimator]:
+    """A copy of the registry, name -> Estimator."""
+    return dict(_REGISTRY)
+
+
+register_estimator("k1", k1)
+register_estimator("k2", k2)
+register_estimator("k3", k3)
+register_estimator("abs", abs_delta)
+register_estimator("rb", rb_full, needs_full_logits=True)
+register_estimator("k1_clamped", clamped("k1", output_clamp=10.0))
+register_estimator("k2_clamped", clamped("k2", output_clamp=10.0))
+register_estimator("k3_clamped", clamped("k3", input_clamp=20.0, output_clamp=10.0))
+register_estimator("k3_st_k2", straight_through("k3_clamped", "k2"))
+register_estimator("k1_st_k2", straight_through("k1", "k2"))
+register_estimator("abs_st_k2", straight_through("abs", "k2"))
+
+BASIC_ESTIMATORS = ("k1", "k2", "k3", "abs")

@@ -1,0 +1,331 @@
+"""Enumerable toy autoregressive models over a vocabulary of V tokens and a fixed length T, in float64.
+
+Two families share one interface (``AutoregressiveModel``):
+
+* ``TabularAR``: its own logits for every prefix. Level t holds a (V**t, V) array; the row of a prefix is its
+  base-V number, first token most significant. Parameters are the logits themselves.
+* ``NeuralAR``: a small GRU whose parameters are shared across prefixes, so conclusions are not an artifact of
+  the tabular parameterization.
+
+Both give teacher-forced next-token log-probabilities ``log_probs(tokens) -> (N, T, V)`` and seeded sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+DTYPE = torch.float64
+
+
+class ModelError(ValueError):
+    """A toy model was given logits or sizes it cannot hold."""
+
+
+def _check_logits(x: Tensor, what: str, *, reference: bool) -> None:
+    if torch.isnan(x).any():
+        raise ModelError(f"{what} contains NaN logits")
+    if reference and torch.isneginf(x).any():
+        raise ModelError(
+            f"{what} gives zero probability (logit -inf) to some token: the reverse KL(pi || pi_ref) is infinite "
+            "wherever pi puts mass there. Use a large negative finite logit instead."
+        )
+    if torch.isinf(x).any():
+        raise ModelError(f"{what} contains infinite logits; logits must be finite")
+
+
+class AutoregressiveModel(nn.Module):
+    """A distribution over sequences y in {0..V-1}^T: log pi(y) = sum_t log pi(y_t | y_<t).
+
+    Capability flags (class attributes):
+        closed_form_grads: the model computes per-sample gradient norms in closed form (``per_sample_sq_norms``);
+            otherwise the engines use torch.func.
+    """
+
+    closed_form_grads: bool = False
+
+    def __init__(self, vocab_size: int, length: int) -> None:
+        super().__init__()
+        if vocab_size < 2 or length < 1:
+            raise ModelError(f"need vocab_size >= 2 and length >= 1, got V={vocab_size}, T={length}")
+        self.vocab_size = int(vocab_size)
+        self.length = int(length)
+
+    def log_probs(self, tokens: Tensor) -> Tensor:
+        """(N, T, V) log pi(. | y_<t) for each position of each sequence in ``tokens`` (N, T), validated."""
+        self._check_tokens(tokens)
+        return self(tokens)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``log_probs`` without input checks (torch.func calls this)."""
+        raise NotImplementedError
+
+    def log_probs_enumerated(self, tokens: Tensor) -> Tensor:
+        """``log_probs`` for the lexicographic enumeration of all V**T sequences (may be faster)."""
+        return self.log_probs(tokens)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flat(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors (e.g. gradients) into one flat vector, parameter order."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        if tokens.dim() != 2 or tokens.shape[1] != self.length:
+            raise ModelError(f"tokens must have shape (N, {self.length}); got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ModelError(f"tokens must lie in [0, {self.vocab_size})")
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(n, T) sequences y ~ pi, one token at a time, drawn with ``generator``."""
+        tokens = torch.zeros(n, self.length, dtype=torch.long)
+        for t in range(self.length):
+            logp_t = self.next_log_probs(tokens[:, :t])  # (n, V)
+            tokens[:, t] = torch.multinomial(logp_t.exp(), 1, generator=generator).squeeze(-1)
+        return tokens
+
+    def next_log_probs(self, prefix: Tensor) -> Tensor:
+        """(N, V) log pi(. | prefix) for prefixes (N, t)."""
+        raise NotImplementedError
+
+
+# ====================================================================== tabular
+
+
+def tabular_logit_count(vocab_size: int, length: int) -> int:
+    """Number of logits a tabular model holds: sum_t V**t * V."""
+    return sum(vocab_size**t * vocab_size for t in range(length))
+
+
+class TabularAR(AutoregressiveModel):
+    """Tabular autoregressive model: ``levels[t]`` is a (V**t, V) array of logits, one row per prefix.
+
+    The row of prefix (y_0..y_{t-1}) is sum_s y_s V**(t-1-s) (base V, first token most significant). The flat
+    parameter vector concatenates the levels in order, each row-major.
+    """
+
+    closed_form_grads = True
+    max_logits = 50_000_000
+
+    def __init__(self, levels: Sequence[Tensor | object]) -> None:
+        levels = [torch.as_tensor(x, dtype=DTYPE) for x in levels]
+        if not levels:
+            raise ModelError("a tabular model needs at least one level")
+        V = levels[0].shape[-1] if levels[0].dim() == 2 else -1
+        super().__init__(max(V, 2), len(levels))
+        for t, x in enumerate(levels):
+            if x.dim() != 2 or x.shape != (V**t, V):
+                raise ModelError(f"level {t} must have shape (V**{t}, V) = ({V**t}, {V}); got {tuple(x.shape)}")
+        self.levels = nn.ParameterList([nn.Parameter(x.clone()) for x in levels])
+
+    @staticmethod
+    def check_size(vocab_size: int, length: int) -> None:
+        n = tabular_logit_count(vocab_size, length)
+        if n > TabularAR.max_logits:
+            raise ModelError(
+                f"a tabular model with V={vocab_size}, T={length} holds {n:.3g} logits "
+                f"({n * 8 / 2**30:.3g} GiB in float64); use NeuralAR for large toys"
+            )
+
+    @classmethod
+    def random(cls, vocab_size: int, length: int, seed: int = 0, scale: float = 1.0) -> TabularAR:
+        """Logits i.i.d. N(0, scale^2), drawn from ``torch.Generator().manual_seed(seed)``."""
+        cls.check_size(vocab_size, length)
+        g = torch.Generator().manual_seed(seed)
+        return cls([scale * torch.randn(vocab_size**t, vocab_size, generator=g, dtype=DTYPE) for t in range(length)])
+
+    def perturbed(self, kl_scale: float, seed: int = 1) -> TabularAR:
+        """A copy with logits + kl_scale * N(0, 1): the KL to ``self`` grows like kl_scale**2."""
+        g = torch.Generator().manual_seed(seed)
+        return TabularAR([x.detach() + kl_scale * torch.randn(x.shape, generator=g, dtype=DTYPE) for x in self.levels])
+
+    def check_finite(self, what: str, *, reference: bool = False) -> None:
+        for t, x in enumerate(self.levels):
+            _check_logits(x.detach(), f"{what} level {t}", reference=reference)
+
+    def prefix_rows(self, tokens: Tensor) -> Tensor:
+        """(N, T) the row index of each prefix y_<t in level t."""
+        N, T = tokens.shape
+        rows = torch.zeros(N, T, dtype=torch.long)
+        for t in range(1, T):
+            rows[:, t] = rows[:, t - 1] * self.vocab_size + tokens[:, t - 1]
+        return rows
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = self.prefix_rows(tokens)  # (N, T)
+        out = [torch.log_softmax(lvl, -1)[rows[:, t]] for t, lvl in enumerate(self.levels)]  # T x (N, V)
+        return torch.stack(out, 1)  # (N, T, V)
+
+    def log_probs_enumerated(self, tokens: Tensor) -> Tensor:
+        # In lexicographic order the prefix of length t repeats V**(T-t) times in a row: expand, no gather.
+        V, T = self.vocab_size, self.length
+        N = V**T
+        out = [
+            torch.log_softmax(lvl, -1).unsqueeze(1).expand(V**t, V ** (T - t), V).reshape(N, V)
+            for t, lvl in enumerate(self.levels)
+        ]  # T x (N, V)
+        return torch.stack(out, 1)  # (N, T, V)
+
+    def next_log_probs(self, prefix: Tensor) -> Tensor:
+        t = prefix.shape[1]
+        row = torch.zeros(prefix.shape[0], dtype=torch.long)
+        for s in range(t):
+            row = row * self.vocab_size + prefix[:, s]
+        return torch.log_softmax(self.levels[t][row], -1)  # (N, V)
+
+    # ---- closed forms: d log softmax(theta)_v / d theta = e_v - p, one block of parameters per prefix row.
+    # A per-sample gradient g_n = sum_t a_nt grad log pi(y_nt | y_<t) (token coefficients a, (N, T)) plus
+    # sum_{t,v} c_ntv grad log pi(v | y_<t) (full coefficients c, (N, T, V)) has, at the prefix row of level t,
+    # the block  a_nt e_{y_nt} + c_nt - p_t * (a_nt + sum_v c_ntv).  Blocks of different t are different rows.
+
+    def per_sample_sq_norms(self, tokens: Tensor, coef_tok: Tensor | None, coef_full: Tensor | None) -> Tensor:
+        """(N,) ||g_n||^2 in closed form for the coefficients above (either may be None)."""
+        logp_full = self(tokens).detach()  # (N, T, V)
+        p = logp_full.exp()
+        block = torch.zeros_like(p) if coef_full is None else coef_full.clone()  # (N, T, V)
+        if coef_tok is not None:
+            block.scatter_add_(-1, tokens.unsqueeze(-1), coef_tok.unsqueeze(-1))
+        block -= p * block.sum(-1, keepdim=True)
+        return (block**2).sum((-1, -2))  # (N,)
+
+    def token_sq_norm_factor(self, tokens: Tensor) -> Tensor:
+        """(N, T) ||e_{y_t} - p_t||^2 = 1 - 2 p_t(y_t) + ||p_t||^2: with token coefficients only,
+        ||g_n||^2 = sum_t a_nt^2 * factor_nt."""
+        logp_full = self(tokens).detach()  # (N, T, V)
+        p = logp_full.exp()
+        p_y = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        return 1 - 2 * p_y + (p**2).sum(-1)
+
+    def enumerated_expected_grad(
+        self, wa_tok: Tensor | None, wc_full: Tensor | None, probs: list[Tensor] | None = None
+    ) -> Tensor:
+        """(P,) sum_n g_n for weighted coefficients over the lexicographic enumeration of all V**T sequences.
+
+        Sequences sharing y_<=t are contiguous blocks, so the sum over sequences is a reshape-sum per level.
+        ``probs`` may hold the cached next-token probabilities of each level.
+        """
+        V, T = self.vocab_size, self.length
+        probs = probs if probs is not None else self.level_probs()
+        wa_t = None if wa_tok is None else wa_tok.t().contiguous()  # (T, N)
+        out = []
+        for t in range(T):
+            p = probs[t]  # (V**t, V)
+            acc = torch.zeros_like(p)
+            if wa_t is not None:
+                acc += wa_t[t].view(V ** (t + 1), V ** (T - t - 1)).sum(1).view(V**t, V)
+            if wc_full is not None:
+                acc += wc_full[:, t].reshape(V**t, V ** (T - t), V).sum(1)
+            out.append((acc - p * acc.sum(-1, keepdim=True)).reshape(-1))
+        return torch.cat(out)
+
+    def level_probs(self) -> list[Tensor]:
+        """[(V**t, V)] next-token probabilities of every prefix, detached."""
+        return [torch.softmax(lvl.detach(), -1) for lvl in self.levels]
+
+
+# ====================================================================== neural
+
+
+class NeuralAR(AutoregressiveModel):
+    """A GRU language model with shared parameters: embedding -> GRU cell (written out) -> linear head.
+
+    Input at position t is y_{t-1} (a BOS id V at t = 0). Written with plain linear algebra so torch.func can
+    take per-sample gradients.
+    """
+
+    def __init__(self, vocab_size: int, length: int, hidden: int = 8, embed: int = 8) -> None:
+        super().__init__(vocab_size, length)
+        self.hidden = hidden
+        self.embed = nn.Embedding(vocab_size + 1, embed, dtype=DTYPE)
+        self.w_x = nn.Linear(embed, 3 * hidden, dtype=DTYPE)
+        self.w_h = nn.Linear(hidden, 3 * hidden, dtype=DTYPE)
+        self.head = nn.Linear(hidden, vocab_size, dtype=DTYPE)
+
+    @classmethod
+    def random(
+        cls, vocab_size: int, length: int, seed: int = 0, scale: float = 1.0, hidden: int = 8, embed: int = 8
+    ) -> NeuralAR:
+        """Weights i.i.d. N(0, scale^2 / fan_in) from ``torch.Generator().manual_seed(seed)``."""
+        m = cls(vocab_size, length, hidden, embed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(fan_in))
+        return m
+
+    def perturbed(self, kl_scale: float, seed: int = 1) -> NeuralAR:
+        """A copy with every weight + kl_scale * N(0, 1/fan_in)."""
+        m = NeuralAR(self.vocab_size, self.length, self.hidden, self.embed.embedding_dim)
+        m.load_state_dict(self.state_dict())
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.add_(kl_scale * torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(fan_in))
+        return m
+
+    def check_finite(self, what: str, *, reference: bool = False) -> None:
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                raise ModelError(f"{what} parameter {name} is not finite")
+
+    def _cell(self, x: Tensor, h: Tensor) -> Tensor:
+        xr, xz, xn = self.w_x(x).chunk(3, -1)
+        hr, hz, hn = self.w_h(h).chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h
+
+    def _inputs(self, tokens: Tensor) -> Tensor:
+        bos = torch.full_like(tokens[:, :1], self.vocab_size)
+        return torch.cat([bos, tokens[:, :-1]], 1)  # (N, T)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(self._inputs(tokens))  # (N, T, E)
+        h = x.new_zeros(tokens.shape[0], self.hidden)  # (N, H)
+        hs = []
+        for t in range(self.length):
+            h = self._cell(x[:, t], h)
+            hs.append(h)
+        return torch.log_softmax(self.head(torch.stack(hs, 1)), -1)  # (N, T, V)
+
+    def next_log_probs(self, prefix: Tensor) -> Tensor:
+        inp = (
+            torch.cat([torch.full_like(prefix[:, :1], self.vocab_size), prefix], 1)
+            if prefix.numel()
+            else torch.full((prefix.shape[0], 1), self.vocab_size, dtype=torch.long)
+        )
+        x = self.embed(inp)  # (N, t+1, E)
+        h = x.new_zeros(prefix.shape[0], self.hidden)
+        for s in range(x.shape[1]):
+            h = self._cell(x[:, s], h)
+        return torch.log_softmax(self.head(h), -1)  # (N, V)
+
+
+# ====================================================================== pairs
+
+
+def make_pair(
+    model: str = "tabular",
+    vocab_size: int = 3,
+    length: int = 4,
+    seed: int = 0,
+    kl_scale: float = 1.0,
+    **kwargs: object,
+) -> tuple[AutoregressiveModel, AutoregressiveModel]:
+    """(policy, reference): the reference drawn from ``seed``, the policy = reference + kl_scale * noise."""
+    if model == "tabular":
+        ref = TabularAR.random(vocab_size, length, seed=seed, **kwargs)
+    elif model == "neural":
+        ref = NeuralAR.random(vocab_size, length, seed=seed, **kwargs)
+    else:
+        raise ModelError(f"unknown model {model!r}; choose 'tabular' or 'neural'")
+    policy = ref.perturbed(kl_scale, seed=seed + 10_007)
+    ref.requires_grad_(False)
+    return policy, ref
