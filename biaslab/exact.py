@@ -20,12 +20,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .placements import Credit, KLConfig, Placement, TokenBatch
+from .placements import Coefficients, Credit, KLConfig, Placement, TokenBatch, surrogate_coefficients
 from .toy import AutoregressiveModel, ModelError
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("BIASLAB_MAX_BYTES", 4 * 2**30)))
@@ -80,13 +79,6 @@ def enumerate_sequences(vocab_size: int, length: int) -> Tensor:
     n = torch.arange(vocab_size**length)
     powers = vocab_size ** torch.arange(length - 1, -1, -1)  # (T,)
     return (n.unsqueeze(1) // powers) % vocab_size  # (N, T)
-
-
-class Coefficients(NamedTuple):
-    """dS/dlogp: ``tok`` (N, T) on the sampled tokens; ``full`` (N, T, V) on whole distributions, or None."""
-
-    tok: Tensor
-    full: Tensor | None
 
 
 @dataclass
@@ -226,24 +218,10 @@ class ExactEngine:
         )
 
     def coefficients(self, config: KLConfig) -> Coefficients:
-        """a = dS(y)/dlogp for every sequence, so that g(y) = sum_t a_t grad log pi(y_t|y_<t) (token
-        coefficients, (N, T)) + sum_{t,v} c_tv grad log pi(v|y_<t) (full coefficients, (N, T, V); only for
-        estimators that read the whole next-token distribution)."""
-        tok = self._logp_tok.detach().requires_grad_(True)  # (N, T)
-        full = self._logp_full_det.requires_grad_(True) if config.estimator.needs_full_logits else self._logp_full_det
-        batch = TokenBatch(self.tokens, full, self.logp_ref_full, tok, self._logp_ref_tok)
-        s = config.surrogate(batch)  # (N,)
-        if s.shape != (self.n_sequences,):
-            raise ValueError(f"surrogate of {config.label} has shape {tuple(s.shape)}, expected ({self.n_sequences},)")
-        inputs = [tok, full] if full.requires_grad else [tok]
-        if not s.requires_grad:
-            grads = [None] * len(inputs)
-        else:
-            grads = torch.autograd.grad(s.sum(), inputs, allow_unused=True)
-        self._logp_full_det.requires_grad_(False)
-        a = grads[0] if grads[0] is not None else torch.zeros_like(tok)
-        c = grads[1] if len(grads) > 1 else None
-        return Coefficients(a.detach(), None if c is None else c.detach())
+        """dS(y)/dlogp for every sequence (see ``placements.surrogate_coefficients``)."""
+        return surrogate_coefficients(
+            config, self.tokens, self._logp_full_det, self.logp_ref_full, self._logp_tok, self._logp_ref_tok
+        )
 
     def _full_coef(self, coef: Coefficients) -> Tensor:
         """(N, T, V) the token coefficients scattered onto the sampled tokens, plus the full ones."""

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from .estimators import Estimator, EstimatorError, get_estimator
@@ -165,6 +167,46 @@ class KLConfig:
         return score + big_k
 
 
+class Coefficients(NamedTuple):
+    """dS/dlogp: ``tok`` (N, T) on the sampled tokens; ``full`` (N, T, V) on whole distributions, or None.
+
+    A sample's gradient estimate is g(y) = sum_t tok_t grad log pi(y_t|y_<t) + sum_{t,v} full_tv grad log pi(v|y_<t).
+    """
+
+    tok: Tensor
+    full: Tensor | None
+
+
+def surrogate_coefficients(
+    config: KLConfig,
+    tokens: Tensor,
+    logp_full: Tensor,
+    logp_ref_full: Tensor,
+    logp: Tensor | None = None,
+    logp_ref: Tensor | None = None,
+) -> Coefficients:
+    """Differentiate the surrogate with respect to the log-probabilities (not theta): one cheap backward pass on
+    (N, T) tensors (and (N, T, V) for estimators that read full distributions). Both engines then map the
+    coefficients to theta in their own way (closed form, one backward pass, or torch.func per sample)."""
+    if logp is None:
+        logp = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if logp_ref is None:
+        logp_ref = logp_ref_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    tok = logp.detach().requires_grad_(True)  # (N, T)
+    needs_full = config.estimator.needs_full_logits
+    full = logp_full.detach().requires_grad_(needs_full)  # (N, T, V)
+    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, logp_ref.detach()))  # (N,)
+    if s.shape != tokens.shape[:1]:
+        raise ValueError(f"surrogate of {config.label} has shape {tuple(s.shape)}, expected ({tokens.shape[0]},)")
+    inputs = [tok, full] if needs_full else [tok]
+    grads = torch.autograd.grad(s.sum(), inputs, allow_unused=True) if s.requires_grad else [None] * len(inputs)
+    a = torch.zeros_like(tok) if grads[0] is None else grads[0]
+    c = None
+    if needs_full:
+        c = torch.zeros_like(full) if grads[1] is None else grads[1]
+    return Coefficients(a.detach(), None if c is None else c.detach())
+
+
 def make_config(
     estimator: str | Estimator,
     placement: str | Placement = "reward",
@@ -219,4 +261,6 @@ __all__ = [
     "make_config",
     "all_configs",
     "as_batch",
+    "Coefficients",
+    "surrogate_coefficients",
 ]

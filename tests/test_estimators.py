@@ -30,6 +30,7 @@ VALUE_CASES = {
     "k3_st_k2": lambda d: min(math.exp(-d) - 1 + d, 10),
     "k1_st_k2": lambda d: d,
     "abs_st_k2": lambda d: abs(d),
+    "k3_lowclamp": lambda d: min(math.exp(-max(d, -10)) - 1 + max(d, -10), 10),
 }
 # d value / d logp, closed forms.
 GRAD_CASES = {
@@ -43,6 +44,7 @@ GRAD_CASES = {
     "k3_st_k2": lambda d: d,
     "k1_st_k2": lambda d: d,
     "abs_st_k2": lambda d: d,
+    "k3_lowclamp": lambda d: (1 - math.exp(-d)) if d > -10 and math.exp(-d) - 1 + d < 10 else 0.0,
 }
 FULL_CASES = {"rb"}  # tested separately (needs full distributions)
 

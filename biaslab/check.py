@@ -1,0 +1,340 @@
+"""Check any KL estimator for unbiasedness: exactly by enumeration, or with a calibrated Monte Carlo test.
+
+    biaslab check my_estimators.py:k3 --placement both            # exit 0: unbiased
+    biaslab check my_estimators.py:k3 --placement loss --mode mc  # exit 1: biased, follows the forward KL
+
+``FUNCTION(logp, logp_ref)`` returns the per-token estimate of the reverse KL(pi || pi_ref) with the shape of its
+inputs ((N, T) at token level, (N,) at sequence level), differentiable through logp. The check places it as asked,
+evaluates the resulting gradient estimator on K random toy models (tabular and neural, float64) and compares its
+expectation with grad KL(pi || pi_ref):
+
+* exact mode: enumeration (``ExactEngine``), no noise; the verdict is a float64 identity test.
+* mc mode: n samples per model, Hotelling's T^2 test of E[g] = grad KL (``stats.bias_test``) against the exact
+  gradient when the toy is enumerable and otherwise against the unbiased Rao-Blackwellized reference estimated
+  from n more samples; Bonferroni over the K models at level alpha. The report states the smallest relative bias
+  the test could detect with power 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .estimators import Estimator, EstimatorError, get_estimator
+from .exact import DIRECTIONS, EnumerationTooLarge, ExactEngine, check_enumerable
+from .placements import KLConfig, make_config
+from .stats import bias_test, mean_ci
+from .toy import AutoregressiveModel, TabularAR, make_pair
+
+MODES = ("exact", "mc")
+MODEL_KINDS = ("mixed", "tabular", "neural")
+
+
+def load_function(spec: str) -> Callable:
+    """``path/to/file.py:NAME`` or ``package.module:NAME`` -> the callable NAME."""
+    if ":" not in spec:
+        raise EstimatorError(f"expected MODULE_OR_FILE:FUNCTION, got {spec!r}")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py") or Path(where).exists():
+        path = Path(where)
+        if not path.exists():
+            raise EstimatorError(f"{where}: no such file")
+        mod_spec = importlib.util.spec_from_file_location(f"_biaslab_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise EstimatorError(f"{where}: importing it raised {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise EstimatorError(f"cannot import module {where!r}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise EstimatorError(f"{where} defines no {name!r}")
+    if not callable(fn):
+        raise EstimatorError(f"{where}:{name} is not callable")
+    return fn
+
+
+def as_estimator(fn: Callable | Estimator | str, name: str | None = None) -> Estimator:
+    if isinstance(fn, (Estimator, str)):
+        return get_estimator(fn)
+    if not callable(fn):
+        raise EstimatorError(f"{fn!r} is not callable")
+    return Estimator(name or getattr(fn, "__name__", "user"), fn, (fn.__doc__ or "").strip().split("\n")[0])
+
+
+@dataclass
+class ModelCheck:
+    """The check on one toy model."""
+
+    model: str
+    verdict: str
+    matches: str
+    rel_bias: float  # exact when available (nan otherwise)
+    variance: float
+    variance_ratio: float  # variance / variance of k1 in reward (token, rtg)
+    p_value: float = math.nan  # mc only
+    ci_low: float = math.nan  # mc: CI of the relative bias along the exact bias (biased) or along grad KL
+    ci_high: float = math.nan
+    estimated_rel_bias: float = math.nan  # mc: relative bias along grad KL, point estimate
+    detectable_rel_bias: float = math.nan  # mc
+    consistent_with: list[str] = field(default_factory=list)  # mc: directions the test does not reject
+
+
+@dataclass
+class CheckReport:
+    """Verdict of ``check_estimator`` over K models; ``unbiased`` is True only when every model agrees."""
+
+    estimator: str
+    placement: str
+    level: str
+    credit: str | None
+    mode: str
+    verdict: str
+    matches: str
+    worst_rel_bias: float
+    variance_ratio: float
+    p_value: float
+    detectable_rel_bias: float
+    alpha: float
+    samples: int
+    models: list[ModelCheck]
+
+    @property
+    def unbiased(self) -> bool:
+        return self.verdict == "unbiased"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        return json.loads(json.dumps(d, default=float).replace("NaN", "null"))
+
+    def format_text(self) -> str:
+        cfg = f"{self.estimator} in {self.placement} ({self.level}{', ' + self.credit if self.credit else ''})"
+        lines = [f"{cfg}: {self.verdict.upper()} ({self.mode} mode, {len(self.models)} models)"]
+        if self.matches != "none":
+            lines.append(f"  expected gradient follows: {self.matches} = {DIRECTIONS.get(self.matches, '')}")
+        lines.append(f"  worst relative bias: {self.worst_rel_bias:.3g}" + (" (exact)" if self.mode == "exact" else ""))
+        lines.append(f"  variance relative to k1 in reward: {self.variance_ratio:.3g} (worst model)")
+        if self.mode == "mc":
+            lines.append(
+                f"  p-value (Bonferroni over models): {self.p_value:.3g} at alpha {self.alpha}; "
+                f"detectable relative bias (power 0.9): {self.detectable_rel_bias:.3g} with {self.samples} samples"
+            )
+        for m in self.models:
+            s = f"    {m.model}: {m.verdict}, matches {m.matches}, rel bias {m.rel_bias:.3g}"
+            s += f", var ratio {m.variance_ratio:.3g}"
+            if self.mode == "mc":
+                s += (
+                    f", estimated {m.estimated_rel_bias:.3g} CI [{m.ci_low:.3g}, {m.ci_high:.3g}],"
+                    f" p {m.p_value:.3g}"
+                )
+            lines.append(s)
+        return "\n".join(lines)
+
+
+def _models(kind: str, k: int, vocab: int, length: int, seed: int, kl_scale: float):
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of: {', '.join(MODEL_KINDS)}")
+    for i in range(k):
+        m = kind if kind != "mixed" else ("tabular" if i % 2 == 0 else "neural")
+        if m == "tabular" and TabularAR.max_logits < sum(vocab ** (t + 1) for t in range(length)):
+            m = "neural"  # too large for a table: the shared-parameter model still works
+        policy, ref = make_pair(m, vocab, length, seed=seed + i, kl_scale=kl_scale)
+        yield f"{m}(V={vocab}, T={length}, seed={seed + i})", policy, ref
+
+
+def _enumerable(policy: AutoregressiveModel) -> bool:
+    n_params = 0 if policy.closed_form_grads else policy.n_params()
+    try:
+        check_enumerable(policy.vocab_size, policy.length, n_params)
+        return True
+    except EnumerationTooLarge:
+        return False
+
+
+def _check_exact(config: KLConfig, baseline: KLConfig, label: str, policy, ref) -> ModelCheck:
+    engine = ExactEngine(policy, ref)
+    r, b = engine.evaluate(config), engine.evaluate(baseline)
+    return ModelCheck(label, r.verdict, r.matches, r.rel_bias, r.variance, r.variance / b.variance)
+
+
+def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: int, alpha: float, seed: int):
+    from .montecarlo import MonteCarloEngine
+
+    mc = MonteCarloEngine(policy, ref)
+    gen = torch.Generator().manual_seed(seed)
+    x = mc.sample_grads(config, n, gen)  # (n, P)
+    var_base = float(mc.sample_grads(baseline, min(n, 20_000), gen).var(0).sum())
+    exact = _enumerable(policy)
+    along = None
+    if exact:
+        engine = ExactEngine(policy, ref)
+        directions = dict(engine.truths().directions)
+        exact_result = engine.evaluate(config)
+        rel_exact = exact_result.rel_bias
+        refs = {name: (d, None) for name, d in directions.items()}
+        truth = directions["reverse_kl"]
+        b = exact_result.expected_grad - truth
+        if rel_exact > 1e-9:  # a fixed direction (the exact bias): CI of the bias along it, exact value inside
+            u = b / b.norm()
+            along = mean_ci((x @ u - float(truth @ u)) / float(truth.norm()), alpha)
+    else:
+        rel_exact = math.nan
+        refs = {
+            "reverse_kl": (None, mc.reference_grads(n, gen)),
+            "forward_kl": (None, mc.forward_kl_grads(n, gen)),
+            "forward_kl_token": (None, mc.token_direction_grads("forward_kl_token", n, gen)),
+            "reverse_kl_token": (None, mc.token_direction_grads("reverse_kl_token", n, gen)),
+            "zero": (torch.zeros(x.shape[1], dtype=torch.float64), None),
+        }
+    tests = {}
+    for name, (d, samples) in refs.items():
+        tests[name] = bias_test(x, d, reference_samples=samples, alpha=alpha, seed=seed)
+    main = tests["reverse_kl"]
+    consistent = [name for name, t in tests.items() if not t.biased]
+    if not main.biased:
+        verdict = "unbiased"
+    elif "zero" in consistent:
+        verdict = "zero"
+    else:
+        verdict = "biased"
+    matches = next((c for c in consistent if c != "zero" or verdict == "zero"), "none")
+    return ModelCheck(
+        label,
+        verdict,
+        matches,
+        rel_exact,
+        main.variance,
+        main.variance / var_base,
+        p_value=main.p_value,
+        ci_low=main.ci_low if along is None else along[1],
+        ci_high=main.ci_high if along is None else along[2],
+        estimated_rel_bias=main.along if along is None else along[0],
+        detectable_rel_bias=main.detectable_rel_bias,
+        consistent_with=consistent,
+    )
+
+
+def check_estimator(
+    estimator: Callable | Estimator | str,
+    placement: str = "both",
+    level: str = "token",
+    credit: str | None = "rtg",
+    *,
+    mode: str = "exact",
+    vocab: int = 3,
+    length: int = 4,
+    models: int = 3,
+    samples: int = 20_000,
+    seed: int = 0,
+    model_kind: str = "mixed",
+    kl_scale: float = 0.5,
+    alpha: float = 0.01,
+    name: str | None = None,
+) -> CheckReport:
+    """Is ``estimator`` placed this way an unbiased estimator of grad KL(pi || pi_ref)? See the module docstring.
+
+    Returns a ``CheckReport``; ``report.unbiased`` is the verdict. In mc mode each model's test runs at level
+    alpha / models (Bonferroni), so the chance of calling an unbiased estimator biased is at most alpha.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if models < 1 or samples < 10:
+        raise ValueError("need models >= 1 and samples >= 10")
+    est = as_estimator(estimator, name)
+    config = make_config(est, placement, level, credit)
+    baseline = make_config("k1", "reward", "token", "rtg")
+    checks = []
+    for i, (label, policy, ref) in enumerate(_models(model_kind, models, vocab, length, seed, kl_scale)):
+        if mode == "exact":
+            checks.append(_check_exact(config, baseline, label, policy, ref))
+        else:
+            checks.append(_check_mc(config, baseline, label, policy, ref, samples, alpha / models, seed + 1000 * i))
+    verdicts = {c.verdict for c in checks}
+    verdict = "unbiased" if verdicts == {"unbiased"} else ("zero" if verdicts == {"zero"} else "biased")
+    common = [d for d in list(DIRECTIONS) if all(d == c.matches for c in checks)]
+    p = min(min(c.p_value for c in checks) * models, 1.0) if mode == "mc" else math.nan
+    rel = [c.rel_bias for c in checks if not math.isnan(c.rel_bias)]
+    return CheckReport(
+        estimator=est.name,
+        placement=config.placement.value,
+        level=config.level.value,
+        credit=config.credit.value if config.credit else None,
+        mode=mode,
+        verdict=verdict,
+        matches=common[0] if common else "none",
+        worst_rel_bias=max(rel) if rel else max(abs(c.estimated_rel_bias) for c in checks),
+        variance_ratio=max(c.variance_ratio for c in checks),
+        p_value=p,
+        detectable_rel_bias=max(c.detectable_rel_bias for c in checks) if mode == "mc" else math.nan,
+        alpha=alpha,
+        samples=samples if mode == "mc" else 0,
+        models=checks,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _run(args: argparse.Namespace) -> int:
+    fn = load_function(args.function)
+    report = check_estimator(
+        fn,
+        args.placement,
+        args.level,
+        args.credit,
+        mode=args.mode,
+        vocab=args.vocab,
+        length=args.length,
+        models=args.models,
+        samples=args.samples,
+        seed=args.seed,
+        model_kind=args.model,
+        alpha=args.alpha,
+        kl_scale=args.kl_scale,
+        name=args.function.rsplit(":", 1)[1],
+    )
+    if args.format == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.format_text())
+    return 0 if report.unbiased else 1
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="is your KL estimator, placed this way, unbiased for grad KL(pi||pi_ref)? (exit 1 when not)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("function", help="MODULE_OR_FILE:FUNCTION, FUNCTION(logp, logp_ref) -> per-token estimate")
+    p.add_argument("--placement", choices=["reward", "loss", "both"], required=True)
+    p.add_argument("--level", choices=["token", "sequence"], default="token")
+    p.add_argument("--credit", choices=["full", "rtg"], default="rtg")
+    p.add_argument("--mode", choices=list(MODES), default="exact")
+    p.add_argument("--vocab", type=int, default=3)
+    p.add_argument("--length", type=int, default=4)
+    p.add_argument("--models", type=int, default=3, help="number of random toy models (default 3)")
+    p.add_argument("--samples", type=int, default=20_000, help="mc samples per model (default 20000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=list(MODEL_KINDS), default="mixed")
+    p.add_argument("--alpha", type=float, default=0.01, help="mc: family-wise false-alarm rate (default 0.01)")
+    p.add_argument("--kl-scale", type=float, default=0.5, help="policy = reference + C * noise (default 0.5)")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=_run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(_run(argparse.Namespace()))

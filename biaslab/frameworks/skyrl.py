@@ -1,0 +1,85 @@
+"""SkyRL 0.3: ``ppo_utils.compute_approx_kl`` (k1, abs, k2, k3 with verl's clamps) in the loss, aggregated as a
+per-sequence token mean then a batch mean, or in the reward (mutually exclusive), with GRPO/RLOO/GAE advantages
+and ``loss_reduction`` for the policy loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..recipes import Recipe
+from .base import Key, Preset, PresetError, estimator_of
+
+KL_TYPES = {"k1": "k1", "abs": "abs", "k2": "k2", "k3": "k3_clamped"}
+REDUCTIONS = {
+    "token_mean": "token-mean",
+    "sequence_mean": "seq-mean-token-mean",
+    "seq_mean_token_sum_norm": "seq-mean-token-sum-norm",
+}
+P = "trainer.algorithm."
+
+
+class SkyRL(Preset):
+    name = "skyrl"
+    title = "SkyRL"
+    version = "0.3.0"
+    functions = "skyrl.backends.skyrl_train.utils.ppo_utils.compute_approx_kl"
+    keys = (
+        Key(P + "advantage_estimator", "grpo", "choice", ("grpo", "gae", "rloo"), help="gae: critic taken as 0"),
+        Key(P + "use_kl_loss", True, "bool"),
+        Key(P + "use_kl_in_reward", False, "bool"),
+        Key(P + "kl_estimator_type", "k3", "choice", tuple(KL_TYPES)),
+        Key(P + "kl_loss_coef", 0.001, "float"),
+        Key(P + "loss_reduction", "token_mean", "choice", tuple(REDUCTIONS)),
+        Key(P + "grpo_norm_by_std", True, "bool"),
+        Key(P + "eps_clip_low", 0.2, "float"),
+        Key(P + "eps_clip_high", 0.2, "float"),
+        Key(P + "gamma", 1.0, "float", (1.0,)),
+        Key(P + "lambd", 1.0, "float", (1.0,)),
+        Key("generator.n_samples_per_prompt", 5, "int"),
+    )
+    search_keys = (
+        P + "use_kl_loss",
+        P + "use_kl_in_reward",
+        P + "kl_estimator_type",
+        P + "loss_reduction",
+        P + "advantage_estimator",
+        P + "grpo_norm_by_std",
+    )
+
+    def validate(self, cfg: dict[str, object]) -> None:
+        if cfg[P + "use_kl_loss"] and cfg[P + "use_kl_in_reward"]:
+            raise PresetError(f"{P}use_kl_loss and {P}use_kl_in_reward are mutually exclusive in SkyRL")
+
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
+        est = estimator_of(KL_TYPES, P + "kl_estimator_type", cfg[P + "kl_estimator_type"])
+        adv = cfg[P + "advantage_estimator"]
+        baseline = {"gae": "none", "rloo": "rloo"}.get(adv, "grpo" if cfg[P + "grpo_norm_by_std"] else "batch_mean")
+        coef = float(cfg[P + "kl_loss_coef"])
+        use_r, use_l = cfg[P + "use_kl_in_reward"], cfg[P + "use_kl_loss"]
+        return Recipe(
+            name="skyrl",
+            reward_estimator=est if use_r else None,
+            reward_coef=coef if use_r else 0.0,
+            reward_credit="rtg" if adv == "gae" else "full",
+            baseline=baseline,
+            baseline_on="total",
+            pg_ratio="token",
+            pg_clip=(float(cfg[P + "eps_clip_low"]), float(cfg[P + "eps_clip_high"])),
+            pg_agg=REDUCTIONS[cfg[P + "loss_reduction"]],
+            loss_estimator=est if use_l else None,
+            loss_coef=coef if use_l else 0.0,
+            loss_agg="seq-mean-token-mean",
+        )
+
+    def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
+        return super().search_values(name, cfg)
+
+    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+        return dict(cfg), {}
+
+    def group_size(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["generator.n_samples_per_prompt"])
+
+    def notes(self, cfg: Mapping[str, object]) -> list[str]:
+        return ["the KL loss is a per-sequence token mean averaged over sequences, whatever loss_reduction says"]

@@ -1,0 +1,12 @@
+"""The real-LLM path: the bias and variance statistics of KL-gradient configurations on a Hugging Face causal LM.
+
+Exact enumeration is impossible on a real model, so this package samples completions, scores them under the
+policy pi_theta and the reference pi_ref, differentiates every configuration's per-sample surrogate
+(``biaslab.placements``) on a chosen parameter subset, and compares the sample means with an unbiased reference
+gradient of the reverse KL(pi_theta || pi_ref) with confidence intervals (``biaslab.stats``).
+
+Modules (one idea each): ``models`` (offline loading), ``policy`` (the LoRA adapter that makes pi_theta differ
+from pi_ref), ``sample`` (batched generation and scoring), ``grads`` (per-sample gradients on a parameter subset),
+``distributed`` (torch.distributed and exact merging), ``run`` (the statistics pass), ``figure`` (PNG + CSV + JSON),
+``cli`` (``biaslab llm``). Needs the ``llm`` extra: ``pip install 'biaslab[llm]'``.
+"""

@@ -1,0 +1,32 @@
+"""Assertions for a user's own pytest suite.
+
+from biaslab.testing import assert_unbiased
+
+def test_my_kl_estimator_is_unbiased_in_reward_plus_loss():
+    assert_unbiased(my_k3, placement="both")                 # exact, float64, no noise
+    assert_unbiased(my_k3, placement="both", mode="mc", samples=20_000, seed=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .check import CheckReport, check_estimator
+from .estimators import Estimator
+
+
+def assert_unbiased(estimator: Callable | Estimator | str, placement: str = "both", **kwargs: object) -> CheckReport:
+    """Raise AssertionError (with the full report) unless ``estimator`` placed as given is unbiased for
+    grad KL(pi || pi_ref). Keyword arguments go to ``biaslab.check.check_estimator``. Returns the report."""
+    report = check_estimator(estimator, placement, **kwargs)
+    if not report.unbiased:
+        raise AssertionError("KL gradient estimator is not unbiased:\n" + report.format_text())
+    return report
+
+
+def assert_biased(estimator: Callable | Estimator | str, placement: str = "loss", **kwargs: object) -> CheckReport:
+    """The converse: raise AssertionError unless the check finds a bias (e.g. to pin a known pitfall)."""
+    report = check_estimator(estimator, placement, **kwargs)
+    if report.unbiased:
+        raise AssertionError("expected a biased KL gradient estimator, the check found none:\n" + report.format_text())
+    return report
