@@ -13,6 +13,7 @@ import torch
 
 from biaslab import EstimatorError
 from biaslab.check import check_estimator, load_function
+from biaslab.cli import main
 from biaslab.testing import assert_biased, assert_unbiased
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "my_estimators.py")
@@ -55,7 +56,7 @@ def test_cli_exit_codes_text_and_json():
     assert out["p_value"] < 1e-6 and out["models"][0]["detectable_rel_bias"] > 0
 
 
-def test_cli_errors_name_the_problem(tmp_path):
+def test_cli_errors_name_the_problem(tmp_path, capsys):
     bad = tmp_path / "bad.py"
     bad.write_text(
         "import torch\n"
@@ -71,11 +72,12 @@ def test_cli_errors_name_the_problem(tmp_path):
         "x": "not callable",
         "missing": "defines no 'missing'",
     }
-    for name, msg in cases.items():
-        r = cli(f"{bad}:{name}", "--placement", "both")
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
-    r = cli(f"{tmp_path}/nope.py:f", "--placement", "both")
-    assert r.returncode == 2 and "no such file" in r.stderr
+    for name, msg in cases.items():  # in-process: main() turns user errors into one line and status 2
+        assert main(["check", f"{bad}:{name}", "--placement", "both", "--models", "1"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, (name, err)
+    r = cli(f"{tmp_path}/nope.py:f", "--placement", "both")  # one real subprocess: no traceback reaches the user
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_pytest_assertions():
