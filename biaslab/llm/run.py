@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import __version__
 from ..estimators import get_estimator
 from ..montecarlo import REFERENCE_CONFIG
-from ..placements import Coefficients, KLConfig, Level, make_config, surrogate_coefficients
+from ..placements import Coefficients, KLConfig, Level, TokenBatch, make_config, surrogate_coefficients
 from ..stats import BiasTest, Moments, bias_test
 from . import distributed as D
 from .grads import PerSampleGrads, logit_cotangent, make_sketch, select_params
@@ -138,8 +138,6 @@ def masked_coefficients(cfg: KLConfig, tokens: Tensor, logp_m: Tensor, logp_ref_
     """
     if cfg.level is Level.TOKEN and not bool(mask.all()):
         with torch.no_grad():
-            from ..placements import TokenBatch
-
             k = cfg.token_values(TokenBatch(tokens, logp_m, logp_ref_full))  # (B, L)
         if bool((k[~mask.bool()] != 0).any()):
             raise LLMError(
@@ -183,7 +181,7 @@ def build(opts: LLMOptions, device: str) -> Setup:
     history: list[float] = []
     if opts.train_steps > 0:
         history = train_lora(model, prompts, steps=opts.train_steps, lr=opts.train_lr, batch=opts.batch_size,
-                             max_new_tokens=opts.max_new_tokens, seed=opts.seed, eos=loaded.eos_token_id,
+                             max_new_tokens=opts.max_new_tokens, seed=opts.seed, eos=_eos(loaded, opts),
                              pad=loaded.pad_token_id, vocab_size=loaded.vocab_size)
     subset = select_params(model, opts.params)
     sketch = make_sketch(subset, opts.max_dense, opts.projections, opts.seed)
