@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -335,6 +334,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=_run)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_run(argparse.Namespace()))

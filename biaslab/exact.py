@@ -112,10 +112,6 @@ class ExactResult:
     matches: str  # first matched direction name, or "none"
     all_matches: list[str] = field(default_factory=list)
 
-    @property
-    def bias_norm(self) -> float:
-        return self.rel_bias
-
     def as_dict(self, with_grad: bool = True) -> dict:
         d = {
             "label": self.config.label,
@@ -191,9 +187,9 @@ class ExactEngine:
         self.logp_full = policy.log_probs_enumerated(self.tokens)  # (N, T, V), graph kept for many backwards
         with torch.no_grad():
             self.logp_ref_full = ref.log_probs_enumerated(self.tokens)  # (N, T, V)
-        self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full)
-        self._logp_tok = self.batch.logp  # (N, T), differentiable
-        self._logp_ref_tok = self.batch.logp_ref  # (N, T)
+        index = self.tokens.unsqueeze(-1)  # (N, T, 1)
+        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1)  # (N, T), differentiable
+        self._logp_ref_tok = self.logp_ref_full.gather(-1, index).squeeze(-1)  # (N, T)
         self._logp_full_det = self.logp_full.detach()  # (N, T, V)
         self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self._logp_ref_tok)
         self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
@@ -223,11 +219,6 @@ class ExactEngine:
             config, self.tokens, self._logp_full_det, self.logp_ref_full, self._logp_tok, self._logp_ref_tok
         )
 
-    def _full_coef(self, coef: Coefficients) -> Tensor:
-        """(N, T, V) the token coefficients scattered onto the sampled tokens, plus the full ones."""
-        out = torch.zeros_like(self._logp_full_det) if coef.full is None else coef.full.clone()
-        return out.scatter_add_(-1, self.tokens.unsqueeze(-1), coef.tok.unsqueeze(-1))
-
     def per_sample_sq_norms(self, coef: Coefficients) -> Tensor:
         """(N,) ||g(y)||^2 for every sequence (closed form for tabular models, torch.func otherwise)."""
         if self.policy.closed_form_grads:
@@ -238,7 +229,7 @@ class ExactEngine:
             return self.policy.per_sample_sq_norms(self.tokens, coef.tok, coef.full)
         from .persample import per_sample_sq_norms
 
-        return per_sample_sq_norms(self.policy, self.tokens, self._full_coef(coef))
+        return per_sample_sq_norms(self.policy, self.tokens, coef.dense(self.tokens, self.V))
 
     # ------------------------------------------------------------------ truths
 

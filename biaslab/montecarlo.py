@@ -32,8 +32,7 @@ def _tabular_grads(model: TabularAR, tokens: Tensor, logp_full: Tensor, coef: Co
     n, T = tokens.shape
     V = model.vocab_size
     p = logp_full.detach().exp()  # (n, T, V)
-    block = torch.zeros_like(p) if coef.full is None else coef.full.clone()
-    block.scatter_add_(-1, tokens.unsqueeze(-1), coef.tok.unsqueeze(-1))
+    block = coef.dense(tokens, V)  # (n, T, V)
     block -= p * block.sum(-1, keepdim=True)  # (n, T, V)
     rows = model.prefix_rows(tokens)  # (n, T)
     offsets = torch.tensor([sum(V**s * V for s in range(t)) for t in range(T)])  # (T,)
@@ -92,8 +91,7 @@ class MonteCarloEngine:
     def _grads(self, tokens: Tensor, logp_full: Tensor, coef: Coefficients, projection: Tensor | None) -> Tensor:
         if isinstance(self.policy, TabularAR):
             return _tabular_grads(self.policy, tokens, logp_full, coef, projection)
-        full = torch.zeros_like(logp_full) if coef.full is None else coef.full.clone()
-        full.scatter_add_(-1, tokens.unsqueeze(-1), coef.tok.unsqueeze(-1))
+        full = coef.dense(tokens, logp_full.shape[-1])  # (n, T, V)
         chunks = [g for _, g in per_sample_grads(self.policy, tokens, full)]
         g = torch.cat(chunks)  # (n, P)
         return g if projection is None else g @ projection.T

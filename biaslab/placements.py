@@ -176,6 +176,14 @@ class Coefficients(NamedTuple):
     tok: Tensor
     full: Tensor | None
 
+    def dense(self, tokens: Tensor, vocab_size: int) -> Tensor:
+        """(N, T, V) one tensor of full coefficients: ``tok`` scattered onto the sampled tokens, plus ``full``."""
+        if self.full is None:
+            out = self.tok.new_zeros(*tokens.shape, vocab_size)
+        else:
+            out = self.full.clone()
+        return out.scatter_add_(-1, tokens.unsqueeze(-1), self.tok.unsqueeze(-1))
+
 
 def surrogate_coefficients(
     config: KLConfig,
