@@ -10,7 +10,9 @@ from .estimators import (
     straight_through,
 )
 from .exact import EnumerationTooLarge, ExactEngine, ExactResult, enumerate_sequences
-from .placements import Credit, KLConfig, Level, Placement, TokenBatch, all_configs, make_config
+from .placements import Credit, Level, Placement, TokenBatch, all_configs, make_config
+from .recipes import Recipe
+from .recipes import Recipe as KLConfig
 from .toy import AutoregressiveModel, ModelError, NeuralAR, TabularAR, make_pair
 
 __version__ = "0.1.0"

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from .estimators import Estimator, EstimatorError, get_estimator
-from .exact import DIRECTIONS, EnumerationTooLarge, ExactEngine, check_enumerable
+from .exact import EnumerationTooLarge, ExactEngine, check_enumerable
 from .placements import KLConfig, make_config
 from .stats import bias_test, mean_ci
 from .toy import AutoregressiveModel, TabularAR, make_pair
+from .verdict import DIRECTIONS, tolerance
 
 MODES = ("exact", "mc")
 MODEL_KINDS = ("mixed", "tabular", "neural")
@@ -79,22 +80,31 @@ class ModelCheck:
     """The check on one toy model."""
 
     model: str
-    verdict: str
-    matches: str
+    verdict: str  # exact: unbiased | rescaled | zero | biased | undefined; mc: biased | no bias detected
+    matches: str  # exact: the matched named direction; mc: the direction the point estimate is closest to
     rel_bias: float  # exact when available (nan otherwise)
     variance: float
     variance_ratio: float  # variance / variance of k1 in reward (token, rtg)
+    kl: float = math.nan  # KL(pi || pi_ref) of the toy (exact when enumerable, else estimated)
+    factor: float = math.nan  # exact: the rescaling factor of a "rescaled" verdict
+    dtype: str = "float64"  # exact: the precision the estimator computes in (sets the tolerance)
     p_value: float = math.nan  # mc only
     ci_low: float = math.nan  # mc: CI of the relative bias along the exact bias (biased) or along grad KL
     ci_high: float = math.nan
     estimated_rel_bias: float = math.nan  # mc: relative bias along grad KL, point estimate
-    detectable_rel_bias: float = math.nan  # mc
+    detectable_rel_bias: float = math.nan  # mc: smallest relative bias detected with power 0.9
     consistent_with: list[str] = field(default_factory=list)  # mc: directions the test does not reject
 
 
 @dataclass
 class CheckReport:
-    """Verdict of ``check_estimator`` over K models; ``unbiased`` is True only when every model agrees."""
+    """Verdict of ``check_estimator`` over K models.
+
+    Exact mode: ``unbiased`` only when every model's expected gradient equals grad KL(pi || pi_ref) to the dtype's
+    tolerance; ``rescaled`` / ``zero`` / ``biased`` / ``undefined`` otherwise. Monte Carlo mode: ``biased`` when the
+    test rejects on some model (Bonferroni over models at family-wise ``alpha``), otherwise ``no bias detected``
+    with the smallest relative bias the test could detect at power 0.9: never "unbiased".
+    """
 
     estimator: str
     placement: str
@@ -113,31 +123,66 @@ class CheckReport:
 
     @property
     def unbiased(self) -> bool:
+        """Exact mode only: the estimator is unbiased on every model."""
         return self.verdict == "unbiased"
 
+    @property
+    def passed(self) -> bool:
+        """Exit status 0: unbiased (exact) or no bias detected (mc)."""
+        return self.verdict in ("unbiased", "no bias detected")
+
+    @property
+    def exit_code(self) -> int:
+        """0 unbiased / no bias detected, 1 biased / rescaled / zero, 2 undefined (the toy's true gradient is 0)."""
+        return 0 if self.passed else (2 if self.verdict == "undefined" else 1)
+
     def as_dict(self) -> dict:
-        d = asdict(self)
-        return json.loads(json.dumps(d, default=float).replace("NaN", "null"))
+        from .io import jsonable
+
+        return jsonable(asdict(self))
+
+    def to_frame(self):
+        """One row per model (pandas DataFrame), with the report's configuration repeated on each row."""
+        import pandas as pd
+
+        rows = [
+            {"estimator": self.estimator, "placement": self.placement, "level": self.level, "credit": self.credit,
+             "mode": self.mode, **{k: v for k, v in asdict(m).items() if k != "consistent_with"},
+             "consistent_with": ",".join(m.consistent_with)}
+            for m in self.models
+        ]
+        return pd.DataFrame(rows)
 
     def format_text(self) -> str:
         cfg = f"{self.estimator} in {self.placement} ({self.level}{', ' + self.credit if self.credit else ''})"
-        lines = [f"{cfg}: {self.verdict.upper()} ({self.mode} mode, {len(self.models)} models)"]
+        head = self.verdict.upper()
+        if self.mode == "mc" and self.verdict == "no bias detected":
+            head += f" (smallest detectable relative bias {self.detectable_rel_bias:.3g} at power 0.9)"
+        factors = {m.factor for m in self.models if m.verdict == "rescaled"}
+        if self.verdict == "rescaled" and len(factors) == 1:
+            head += f" x{factors.pop():.4g}"
+        lines = [f"{cfg}: {head} ({self.mode} mode, {len(self.models)} models)"]
         if self.matches != "none":
-            lines.append(f"  expected gradient follows: {self.matches} = {DIRECTIONS.get(self.matches, '')}")
+            what = "expected gradient follows" if self.mode == "exact" else "point estimate closest to"
+            lines.append(f"  {what}: {self.matches} = {DIRECTIONS.get(self.matches, '')}")
         lines.append(f"  worst relative bias: {self.worst_rel_bias:.3g}" + (" (exact)" if self.mode == "exact" else ""))
         lines.append(f"  variance relative to k1 in reward: {self.variance_ratio:.3g} (worst model)")
+        if self.mode == "exact":
+            dts = sorted({m.dtype for m in self.models})
+            lines.append(f"  computed in {', '.join(dts)}: relative tolerance {tolerance(getattr(torch, dts[0])):.2g}")
         if self.mode == "mc":
             lines.append(
                 f"  p-value (Bonferroni over models): {self.p_value:.3g} at alpha {self.alpha}; "
                 f"detectable relative bias (power 0.9): {self.detectable_rel_bias:.3g} with {self.samples} samples"
             )
         for m in self.models:
-            s = f"    {m.model}: {m.verdict}, matches {m.matches}, rel bias {m.rel_bias:.3g}"
+            s = f"    {m.model} (KL {m.kl:.3g}): {m.verdict}, "
+            s += f"{'matches' if self.mode == 'exact' else 'closest'} {m.matches}, rel bias {m.rel_bias:.3g}"
             s += f", var ratio {m.variance_ratio:.3g}"
             if self.mode == "mc":
                 s += (
                     f", estimated {m.estimated_rel_bias:.3g} CI [{m.ci_low:.3g}, {m.ci_high:.3g}],"
-                    f" p {m.p_value:.3g}"
+                    f" p {m.p_value:.3g}, not rejected: {', '.join(m.consistent_with) or 'none'}"
                 )
             lines.append(s)
         return "\n".join(lines)
@@ -166,31 +211,41 @@ def _enumerable(policy: AutoregressiveModel) -> bool:
 def _check_exact(config: KLConfig, baseline: KLConfig, label: str, policy, ref) -> ModelCheck:
     engine = ExactEngine(policy, ref)
     r, b = engine.evaluate(config), engine.evaluate(baseline)
-    return ModelCheck(label, r.verdict, r.matches, r.rel_bias, r.variance, r.variance / b.variance)
+    return ModelCheck(
+        label, r.verdict, r.matches, r.rel_bias, r.variance, r.variance / b.variance, kl=engine.truths().kl_reverse,
+        factor=r.factor, dtype=r.info.dtype,
+    )
 
 
-def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: int, alpha: float, seed: int):
+def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: int, alpha: float, seed: int,
+              progress: bool = False):
+    """Monte Carlo check on one model at level ``alpha`` (already Bonferroni-corrected by the caller)."""
     from .montecarlo import MonteCarloEngine
 
     mc = MonteCarloEngine(policy, ref)
     gen = torch.Generator().manual_seed(seed)
-    x = mc.sample_grads(config, n, gen)  # (n, P)
+    x = mc.sample_grads(config, n, gen, progress=progress)  # (n, P)
     var_base = float(mc.sample_grads(baseline, min(n, 20_000), gen).var(0).sum())
-    exact = _enumerable(policy)
     along = None
-    if exact:
+    if _enumerable(policy):
         engine = ExactEngine(policy, ref)
-        directions = dict(engine.truths().directions)
+        tr = engine.truths()
+        kl = tr.kl_reverse
         exact_result = engine.evaluate(config)
         rel_exact = exact_result.rel_bias
-        refs = {name: (d, None) for name, d in directions.items()}
-        truth = directions["reverse_kl"]
+        refs = {name: (d, None) for name, d in tr.directions.items()}
+        truth = tr.grad_reverse
         b = exact_result.expected_grad - truth
         if rel_exact > 1e-9:  # a fixed direction (the exact bias): CI of the bias along it, exact value inside
             u = b / b.norm()
             along = mean_ci((x @ u - float(truth @ u)) / float(truth.norm()), alpha)
     else:
         rel_exact = math.nan
+        with torch.no_grad():
+            y = mc.sample(min(n, 20_000), gen)
+            lp = policy.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
+            lr = ref.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
+        kl = float((lp - lr).mean())  # unbiased k1 estimate of the sequence KL
         refs = {
             "reverse_kl": (None, mc.reference_grads(n, gen)),
             "forward_kl": (None, mc.forward_kl_grads(n, gen)),
@@ -198,25 +253,18 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
             "reverse_kl_token": (None, mc.token_direction_grads("reverse_kl_token", n, gen)),
             "zero": (torch.zeros(x.shape[1], dtype=torch.float64), None),
         }
-    tests = {}
-    for name, (d, samples) in refs.items():
-        tests[name] = bias_test(x, d, reference_samples=samples, alpha=alpha, seed=seed)
+    tests = {name: bias_test(x, d, reference_samples=s, alpha=alpha, seed=seed) for name, (d, s) in refs.items()}
     main = tests["reverse_kl"]
     consistent = [name for name, t in tests.items() if not t.biased]
-    if not main.biased:
-        verdict = "unbiased"
-    elif "zero" in consistent:
-        verdict = "zero"
-    else:
-        verdict = "biased"
-    matches = next((c for c in consistent if c != "zero" or verdict == "zero"), "none")
+    closest = max(tests, key=lambda name: (tests[name].p_value, -tests[name].statistic))
     return ModelCheck(
         label,
-        verdict,
-        matches,
+        "biased" if main.biased else "no bias detected",
+        closest,
         rel_exact,
         main.variance,
         main.variance / var_base,
+        kl=kl,
         p_value=main.p_value,
         ci_low=main.ci_low if along is None else along[1],
         ci_high=main.ci_high if along is None else along[2],
@@ -224,6 +272,14 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
         detectable_rel_bias=main.detectable_rel_bias,
         consistent_with=consistent,
     )
+
+
+def _combine_exact(verdicts: set[str]) -> str:
+    if len(verdicts) == 1:
+        return next(iter(verdicts))
+    if "undefined" in verdicts:
+        return "undefined"
+    return "biased"
 
 
 def check_estimator(
@@ -242,27 +298,42 @@ def check_estimator(
     kl_scale: float = 0.5,
     alpha: float = 0.01,
     name: str | None = None,
+    progress: bool = False,
 ) -> CheckReport:
     """Is ``estimator`` placed this way an unbiased estimator of grad KL(pi || pi_ref)? See the module docstring.
 
-    Returns a ``CheckReport``; ``report.unbiased`` is the verdict. In mc mode each model's test runs at level
-    alpha / models (Bonferroni), so the chance of calling an unbiased estimator biased is at most alpha.
+    Returns a ``CheckReport``. In mc mode each model's test runs at level alpha / models (Bonferroni), so the
+    chance of calling an unbiased estimator biased is at most alpha; a test that does not reject reports
+    "no bias detected" with its smallest detectable relative bias.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if models < 1 or samples < 10:
         raise ValueError("need models >= 1 and samples >= 10")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if vocab < 2 or length < 1:
+        raise ValueError(f"need vocab >= 2 and length >= 1, got vocab {vocab}, length {length}")
+    if not math.isfinite(kl_scale) or kl_scale < 0:
+        raise ValueError(f"kl_scale must be a finite number >= 0, got {kl_scale}")
+    from tqdm.auto import tqdm
+
     est = as_estimator(estimator, name)
     config = make_config(est, placement, level, credit)
     baseline = make_config("k1", "reward", "token", "rtg")
     checks = []
-    for i, (label, policy, ref) in enumerate(_models(model_kind, models, vocab, length, seed, kl_scale)):
+    toys = list(_models(model_kind, models, vocab, length, seed, kl_scale))
+    for i, (label, policy, ref) in enumerate(tqdm(toys, desc="check", disable=not progress, leave=False)):
         if mode == "exact":
             checks.append(_check_exact(config, baseline, label, policy, ref))
         else:
-            checks.append(_check_mc(config, baseline, label, policy, ref, samples, alpha / models, seed + 1000 * i))
-    verdicts = {c.verdict for c in checks}
-    verdict = "unbiased" if verdicts == {"unbiased"} else ("zero" if verdicts == {"zero"} else "biased")
+            checks.append(
+                _check_mc(config, baseline, label, policy, ref, samples, alpha / models, seed + 1000 * i, progress)
+            )
+    if mode == "exact":
+        verdict = _combine_exact({c.verdict for c in checks})
+    else:
+        verdict = "biased" if any(c.verdict == "biased" for c in checks) else "no bias detected"
     common = [d for d in list(DIRECTIONS) if all(d == c.matches for c in checks)]
     p = min(min(c.p_value for c in checks) * models, 1.0) if mode == "mc" else math.nan
     rel = [c.rel_bias for c in checks if not math.isnan(c.rel_bias)]
@@ -309,7 +380,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(report.format_text())
-    return 0 if report.unbiased else 1
+    return report.exit_code
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -1,69 +1,65 @@
-"""Exact engine: enumerate every sequence of a toy model and compute gradients and variances with no noise.
+"""The exact engine: enumerate every response (and every group of B responses) of a toy model and compute the
+expected update of any configuration, its variance and its verdict, with no sampling noise.
 
-For a policy pi_theta and a fixed reference pi_ref over {0..V-1}^T, the engine returns
+For a policy pi_theta, a fixed reference pi_ref and a behaviour policy mu (mu = pi: on-policy), a configuration's
+update on a group (y_1..y_B) drawn i.i.d. from mu is g = grad_theta L(y_1..y_B) (``Recipe.batch_loss``; for the
+basic ``make_config`` configurations B = 1 and g(y) is the per-sample estimate of BACKGROUND section 3). Because L
+depends on theta only through the next-token log-probabilities,
 
-* the reverse KL(pi || pi_ref) and forward KL(pi_ref || pi) at the sequence level, and their exact gradients;
-* the token-level KLs with the prefix law held fixed (the "partial" directions per-token losses follow):
-  sum_t E_{y_<t ~ sg(pi)} grad KL(pi_ref(.|y_<t) || pi(.|y_<t))  (forward) and the same for the reverse KL;
-* for any ``KLConfig``: the exact expected gradient E_{y~pi}[g(y)] = sum_y pi(y) g(y), the per-sample variance
-  trace E||g - E g||^2, the relative bias against grad KL(pi || pi_ref), cosines, a verdict, and the named
-  direction E[g] equals, if any.
+    g = sum_{i,t} a_it grad log pi(y_it | y_i,<t) + sum_{i,t,v} c_itv grad log pi(v | y_i,<t),
 
-Vectorized over all V**T sequences: one forward pass builds the (N, T, V) next-token log-probabilities, and each
-configuration costs one backward pass of its surrogate on those log-probabilities (giving the coefficients
-a = dS/dlogp), one backward pass into theta for E[g] = J^T (pi * a), and one per-sample norm computation
-(closed form for tabular models, torch.func otherwise).
+with a = dL/dlogp (and c = dL/dlogp_full for estimators that read whole distributions). The engine
+
+* enumerates complete responses: all V**T sequences, or with an end-of-sequence token every response that ends
+  at EOS or at T tokens (``tokens`` (N, T), ``mask`` (N, T) 1 on response tokens);
+* computes the coefficients for every group in one autograd pass over stacked groups;
+* sums them, weighted by the group's probability under mu, into per-response coefficients, so that E[g] is one
+  weighted sum of grad log pi: a reshape-sum in closed form for tabular models, one backward pass otherwise;
+* computes E||g||^2 from per-sample norms (closed form for tabular models, torch.func otherwise) when B = 1 and
+  from the Jacobian (N, T, P) when B > 1;
+* computes the named directions (``biaslab.verdict.DIRECTIONS``) and KLs over complete responses, and applies
+  the one verdict rule (``biaslab.verdict.exact_verdict``) against ``nominal * grad KL(pi || pi_ref)``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .placements import Coefficients, Credit, KLConfig, Placement, TokenBatch, surrogate_coefficients
-from .toy import AutoregressiveModel, ModelError
+from .placements import Coefficients, TokenBatch
+from .recipes import Recipe
+from .toy import DTYPE, AutoregressiveModel, ModelError
+from .verdict import DIRECTIONS, Verdict, exact_verdict, true_gradient_is_zero
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("BIASLAB_MAX_BYTES", 4 * 2**30)))
-RTOL = 1e-8  # relative tolerance for "equal" directions; the engine's round-off is ~1e-13 in float64
-ATOL = 1e-13  # absolute floor for gradients that are round-off (policy == reference)
-
-#: Named directions, in the order a match is reported.
-DIRECTIONS = {
-    "reverse_kl": "grad KL(pi || pi_ref), sequence level (the objective)",
-    "forward_kl": "grad KL(pi_ref || pi), sequence level",
-    "forward_kl_token": "sum_t E_prefix grad KL(pi_ref(.|prefix) || pi(.|prefix)), prefix law held fixed",
-    "reverse_kl_token": "sum_t E_prefix grad KL(pi(.|prefix) || pi_ref(.|prefix)), prefix law held fixed",
-    "expected_value": "grad E_pi[K]: the estimator's own expected value, differentiated in full",
-    "zero": "0: the gradient vanishes in expectation",
-}
+MAX_GROUPS = 2_000_000
 
 
 class EnumerationTooLarge(MemoryError):
     """Enumerating every sequence would need more memory than allowed."""
 
 
-def enumeration_bytes(vocab_size: int, length: int, per_sample_params: int = 0) -> int:
+# ---------------------------------------------------------------- enumeration
+
+
+def count_complete(vocab_size: int, length: int, eos: int | None = None) -> int:
+    """Number of complete responses: V**T without EOS; with one, sum_{L<T} (V-1)**(L-1) + (V-1)**(T-1) * V."""
+    if eos is None:
+        return vocab_size**length
+    v = vocab_size - 1
+    return sum(v ** (L - 1) for L in range(1, length)) + v ** (length - 1) * vocab_size
+
+
+def enumeration_bytes(vocab_size: int, length: int, per_sample_params: int = 0, eos: int | None = None) -> int:
     """Rough peak bytes of the exact engine: ~16 float64 (N, T, V) tensors and the tokens, plus one chunk of
     torch.func per-sample gradients (``per_sample_params`` floats each) for models without a closed form."""
-    n = vocab_size**length
+    n = count_complete(vocab_size, length, eos)
     return n * length * (16 * vocab_size * 8 + 16) + min(n, 2048) * per_sample_params * 8 * 3
-
-
-def check_enumerable(vocab_size: int, length: int, per_sample_params: int = 0, max_bytes: int | None = None) -> int:
-    """Refuse, before allocating anything, an enumeration that would not fit in ``max_bytes``."""
-    max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
-    need = enumeration_bytes(vocab_size, length, per_sample_params)
-    if need > max_bytes:
-        raise EnumerationTooLarge(
-            f"enumerating V**T = {vocab_size}**{length} = {vocab_size**length:.4g} sequences would need about "
-            f"{_human(need)} of memory (limit {_human(max_bytes)}; set BIASLAB_MAX_BYTES to change it). "
-            "Use Monte Carlo instead: biaslab.montecarlo, or `biaslab check --mode mc`."
-        )
-    return need
 
 
 def _human(n: float) -> str:
@@ -74,6 +70,22 @@ def _human(n: float) -> str:
     return f"{n:.3g}"
 
 
+def check_enumerable(
+    vocab_size: int, length: int, per_sample_params: int = 0, max_bytes: int | None = None, eos: int | None = None
+) -> int:
+    """Refuse, before allocating anything, an enumeration that would not fit in ``max_bytes``."""
+    max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    need = enumeration_bytes(vocab_size, length, per_sample_params, eos)
+    if need > max_bytes:
+        n = count_complete(vocab_size, length, eos)
+        raise EnumerationTooLarge(
+            f"enumerating {n:.4g} responses (V={vocab_size}, T={length}) would need about {_human(need)} of memory "
+            f"(limit {_human(max_bytes)}; set BIASLAB_MAX_BYTES to change it). "
+            "Use Monte Carlo instead: biaslab.montecarlo, or `biaslab check --mode mc`."
+        )
+    return need
+
+
 def enumerate_sequences(vocab_size: int, length: int) -> Tensor:
     """(V**T, T) every sequence, row n is n written in base V with the first token most significant."""
     n = torch.arange(vocab_size**length)
@@ -81,13 +93,77 @@ def enumerate_sequences(vocab_size: int, length: int) -> Tensor:
     return (n.unsqueeze(1) // powers) % vocab_size  # (N, T)
 
 
+def enumerate_complete(vocab_size: int, length: int, eos: int | None = None) -> tuple[Tensor, Tensor]:
+    """(tokens (N, T) long, mask (N, T) float64): every complete response.
+
+    Without EOS: all V**T sequences in base-V order. With EOS: shortest first, each length in lexicographic order;
+    a response of length L ends with EOS (L < T) or reaches T; the EOS token is part of the response (it is
+    sampled, so its log-probability is trained); positions after the end hold token 0 and mask 0.
+    """
+    if eos is None:
+        tokens = enumerate_sequences(vocab_size, length)
+        return tokens, torch.ones(tokens.shape, dtype=DTYPE)
+    if not 0 <= eos < vocab_size:
+        raise ModelError(f"eos must be a token id in [0, {vocab_size}); got {eos}")
+    content = [v for v in range(vocab_size) if v != eos]
+    rows, masks = [], []
+    for L in range(1, length + 1):
+        lasts = [eos] if L < length else list(range(vocab_size))
+        for body in itertools.product(content, repeat=L - 1):
+            for last in lasts:
+                rows.append(list(body) + [last] + [0] * (length - L))
+                masks.append([1.0] * L + [0.0] * (length - L))
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=DTYPE)
+
+
+# ---------------------------------------------------------------- precision of user code
+
+
+def estimator_dtype(est) -> torch.dtype:
+    """The precision an estimator computes in: its output dtype on float64 inputs, or float32 when a float64
+    output holds only float32-representable values (a function that casts internally)."""
+    if est is None:
+        return torch.float64
+    g = torch.Generator().manual_seed(12345)
+    if est.needs_full_logits:
+        x = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
+        y = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
+    else:
+        x = -0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64)
+        y = -0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            out = est.fn(x, y)
+    except Exception:  # the engine's own call reports the error with its context
+        return torch.float64
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        return torch.float64
+    if out.dtype == torch.float64 and out.numel() and bool((out.float().double() == out).all()):
+        return torch.float32
+    return out.dtype
+
+
+def config_dtype(config) -> torch.dtype:
+    """The lowest precision among a configuration's estimators (or its declared ``compute_dtype``)."""
+    declared = getattr(config, "compute_dtype", None)
+    if declared is not None:
+        return declared
+    ests = (getattr(config, "reward_estimator", None), getattr(config, "loss_estimator", None))
+    dts = [estimator_dtype(e) for e in ests]
+    return max(dts, key=lambda d: torch.finfo(d).eps)
+
+
+# ---------------------------------------------------------------- results
+
+
 @dataclass
 class Truths:
-    """Exact KL values and gradients (flat, the policy's parameter order)."""
+    """Exact KL values and named gradient directions over complete responses (flat, the policy's parameter order)."""
 
     kl_reverse: float
     kl_forward: float
-    directions: dict[str, Tensor]  # every named direction except "expected_value" (config-specific)
+    directions: dict[str, Tensor]  # reverse_kl, forward_kl, forward_kl_token, reverse_kl_token, zero
+    score_rms: float  # sqrt(E_pi ||grad log pi(y)||^2): the scale against which "grad KL = 0" is judged
 
     @property
     def grad_reverse(self) -> Tensor:
@@ -97,147 +173,246 @@ class Truths:
     def grad_forward(self) -> Tensor:
         return self.directions["forward_kl"]
 
+    @property
+    def undefined(self) -> bool:
+        """The true gradient is zero to round-off (policy == reference): verdicts are ``undefined``."""
+        return true_gradient_is_zero(float(self.grad_reverse.norm()), self.score_rms)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.directions[name]
+
 
 @dataclass
 class ExactResult:
-    """Exact statistics of one configuration's gradient estimator g(y), y ~ pi."""
+    """Exact statistics of one configuration's update g, groups drawn from mu."""
 
-    config: KLConfig
+    config: Recipe
     expected_grad: Tensor  # (P,) E[g]
-    variance: float  # E||g - E g||^2 (trace of the per-sample covariance)
-    rel_bias: float  # ||E g - grad KL_rev|| / ||grad KL_rev||
-    cos_reverse: float
-    cos_forward: float
-    verdict: str  # "unbiased" | "zero" | "biased"
-    matches: str  # first matched direction name, or "none"
-    all_matches: list[str] = field(default_factory=list)
+    variance: float  # E||g - E g||^2 (trace of the covariance)
+    nominal_scale: float  # c: an unbiased configuration has E g = c * grad KL
+    info: Verdict
+
+    # the verdict's fields, flat
+    verdict = property(lambda self: self.info.verdict)
+    rel_bias = property(lambda self: self.info.rel_bias)
+    scale = property(lambda self: self.info.scale)
+    factor = property(lambda self: self.info.factor)
+    cos_reverse = property(lambda self: self.info.cos_reverse)
+    cos_forward = property(lambda self: self.info.cos_forward)
+    all_matches = property(lambda self: self.info.matches)  # direction -> scale relative to c
+    matches = property(lambda self: self.info.direction)  # the first matched direction, or "none"
+    nearest = property(lambda self: self.info.nearest)
+    nearest_cos = property(lambda self: self.info.nearest_cos)
+    recipe = property(lambda self: self.config)
 
     def as_dict(self, with_grad: bool = True) -> dict:
+        cfg = self.config
+        basic = cfg.estimator is not None
         d = {
-            "label": self.config.label,
-            "estimator": self.config.estimator.name,
-            "placement": self.config.placement.value,
-            "level": self.config.level.value,
-            "credit": self.config.credit.value if self.config.credit is not None else None,
+            "label": cfg.label,
+            "estimator": cfg.estimator.name if basic else None,
+            "placement": cfg.placement.value if cfg.placement is not None else None,
+            "level": cfg.level,
+            "credit": cfg.credit.value if cfg.credit is not None else None,
             "variance": self.variance,
             "rel_bias": self.rel_bias,
+            "scale": self.scale,
+            "factor": self.factor,
             "cos_reverse": self.cos_reverse,
             "cos_forward": self.cos_forward,
             "verdict": self.verdict,
+            "verdict_text": self.info.describe(),
             "matches": self.matches,
-            "all_matches": self.all_matches,
+            "all_matches": dict(self.all_matches),
+            "nearest": self.nearest,
+            "nearest_cos": self.nearest_cos,
+            "nominal_scale": self.nominal_scale,
+            "dtype": self.info.dtype,
+            "tolerance": self.info.tolerance,
         }
         if with_grad:
             d["expected_grad"] = self.expected_grad.tolist()
         return d
 
 
-def _cos(a: Tensor, b: Tensor) -> float:
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return float("nan")
-    return float(a @ b / (na * nb))
+# ---------------------------------------------------------------- the engine
 
 
-def matched_directions(g: Tensor, directions: dict[str, Tensor], rtol: float = RTOL, atol: float = ATOL) -> list[str]:
-    """Names of the directions d with ||g - d|| <= rtol * max(||d||, ||g||) + atol, in ``directions`` order.
-
-    ``zero`` matches when ||g|| <= rtol * ||grad KL|| + atol. ``atol`` is an absolute round-off floor so that a
-    policy equal to its reference (every gradient ~1e-17) is not called biased.
-    """
-    out = []
-    rev_norm = float(directions["reverse_kl"].norm())
-    for name, d in directions.items():
-        if name == "zero":
-            ok = float(g.norm()) <= rtol * rev_norm + atol
-        else:
-            ok = float((g - d).norm()) <= rtol * max(float(d.norm()), float(g.norm())) + atol
-        if ok:
-            out.append(name)
+def _fd_derivative(fn, x: Tensor, h: float) -> Tensor:
+    """(N, T) dF_n/dx_nt of F = fn(x) (N,) by a fourth-order central difference, one column at a time
+    (rows are independent samples)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[1]):
+        e = torch.zeros_like(x)
+        e[:, t] = h
+        out[:, t] = (-fn(x + 2 * e) + 8 * fn(x + e) - 8 * fn(x - e) + fn(x - 2 * e)) / (12 * h)
     return out
 
 
 class ExactEngine:
-    """Enumerate every sequence of ``policy`` and evaluate configurations exactly (see module docstring).
+    """Enumerate every complete response (and group) and evaluate configurations exactly (module docstring).
 
     Args:
-        policy: the model whose parameters theta receive the gradient.
-        ref: the reference pi_ref (its parameters are never differentiated).
+        policy: pi_theta (its parameters receive the gradient).
+        ref: pi_ref (never differentiated).
+        behaviour: mu, the policy that sampled the data (None: on-policy, mu = pi).
+        eos: end-of-sequence token id (None: fixed length T).
+        group_size: B, the responses per group (baselines and aggregation act within a group).
+        task_reward: optional (N,) task reward of each enumerated response (default 0); the KL part of the
+            update is then judged: g(config) - g(config without KL).
         max_bytes: refuse enumerations whose estimated peak memory exceeds this (default 4 GiB or
             $BIASLAB_MAX_BYTES).
     """
 
-    def __init__(self, policy: AutoregressiveModel, ref: AutoregressiveModel, max_bytes: int | None = None) -> None:
-        if (policy.vocab_size, policy.length) != (ref.vocab_size, ref.length):
-            raise ModelError(
-                f"policy and reference disagree: policy V={policy.vocab_size}, T={policy.length}; "
-                f"reference V={ref.vocab_size}, T={ref.length}"
-            )
+    def __init__(
+        self,
+        policy: AutoregressiveModel,
+        ref: AutoregressiveModel,
+        behaviour: AutoregressiveModel | None = None,
+        eos: int | None = None,
+        group_size: int = 1,
+        task_reward: Tensor | None = None,
+        max_bytes: int | None = None,
+        max_groups: int = MAX_GROUPS,
+    ) -> None:
+        for what, m in (("reference", ref), ("behaviour", behaviour)):
+            if m is not None and (m.vocab_size, m.length) != (policy.vocab_size, policy.length):
+                raise ModelError(
+                    f"policy and {what} disagree: policy V={policy.vocab_size}, T={policy.length}; "
+                    f"{what} V={m.vocab_size}, T={m.length}"
+                )
+        if int(group_size) < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
         policy.check_finite("policy")
         ref.check_finite("reference", reference=True)
-        self.policy, self.ref = policy, ref
-        self.V, self.T = policy.vocab_size, policy.length
+        if behaviour is not None:
+            behaviour.check_finite("behaviour", reference=True)
+        self.policy, self.ref, self.behaviour = policy, ref, behaviour
+        self.V, self.T, self.eos, self.B = policy.vocab_size, policy.length, eos, int(group_size)
         self.params = [p for p in policy.parameters() if p.requires_grad]
         if not self.params:
             raise ModelError("the policy has no parameters that require grad")
-        n_params = 0 if policy.closed_form_grads else sum(p.numel() for p in self.params)
-        check_enumerable(self.V, self.T, n_params, max_bytes)
+        self.P = sum(p.numel() for p in self.params)
+        n_params = 0 if policy.closed_form_grads else self.P
+        check_enumerable(self.V, self.T, n_params, max_bytes, eos)
+        self.N = count_complete(self.V, self.T, eos)
+        if self.B > 1:
+            if self.N**self.B > max_groups:
+                raise ValueError(
+                    f"exact enumeration of groups needs N**B = {self.N}**{self.B} = {self.N**self.B:.3g} groups "
+                    f"(limit {max_groups:.3g}); use a smaller group size or toy, or Monte Carlo over groups"
+                )
+            need = self.N * self.T * self.P * 8 * 2
+            if need > (DEFAULT_MAX_BYTES if max_bytes is None else max_bytes):
+                raise EnumerationTooLarge(
+                    f"groups of B > 1 need the Jacobian of {self.N} responses x {self.T} tokens x {self.P} "
+                    f"parameters, about {_human(need)}; use a smaller toy"
+                )
 
-        self.tokens = enumerate_sequences(self.V, self.T)  # (N, T)
-        self.logp_full = policy.log_probs_enumerated(self.tokens)  # (N, T, V), graph kept for many backwards
-        with torch.no_grad():
-            self.logp_ref_full = ref.log_probs_enumerated(self.tokens)  # (N, T, V)
+        self.tokens, self.mask = enumerate_complete(self.V, self.T, eos)  # (N, T), (N, T)
         index = self.tokens.unsqueeze(-1)  # (N, T, 1)
-        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1)  # (N, T), differentiable
-        self._logp_ref_tok = self.logp_ref_full.gather(-1, index).squeeze(-1)  # (N, T)
+        if eos is None:
+            self.logp_full = policy.log_probs_enumerated(self.tokens)  # (N, T, V), graph kept for many backwards
+        else:
+            self.logp_full = policy.log_probs(self.tokens)  # (N, T, V)
+        with torch.no_grad():
+            self.logp_ref_full = ref.log_probs(self.tokens) if eos is not None else ref.log_probs_enumerated(
+                self.tokens
+            )  # (N, T, V)
+        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T), differentiable
+        self._logp_ref_tok = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T)
         self._logp_full_det = self.logp_full.detach()  # (N, T, V)
+        self.logp = self._logp_tok.detach()  # (N, T) masked log pi(y_t|y_<t)
+        self.logp_ref = self._logp_ref_tok  # (N, T)
         self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self._logp_ref_tok)
         self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
         self.logp_ref_seq = self._logp_ref_tok.sum(-1)  # (N,)
         self.weights = self.logp_seq.detach().exp()  # (N,) pi(y)
+        total = float(self.weights.sum())
+        if abs(total - 1) > 1e-9:
+            raise ModelError(f"enumerated response probabilities sum to {total!r}, not 1")
+        if behaviour is None:
+            self.logp_mu, self.prob_mu = self.logp, self.weights
+        else:
+            with torch.no_grad():
+                self.logp_mu = behaviour.log_probs(self.tokens).gather(-1, index).squeeze(-1) * self.mask  # (N, T)
+            self.prob_mu = self.logp_mu.sum(-1).exp()  # (N,) mu(y)
+        if task_reward is not None:
+            task_reward = torch.as_tensor(task_reward, dtype=DTYPE)
+            if task_reward.shape != (self.N,) or not torch.isfinite(task_reward).all():
+                raise ValueError(f"task_reward must be a finite ({self.N},) tensor, one value per complete response")
+        self.task_reward = task_reward
         self._truths: Truths | None = None
-        self._tok_factor: Tensor | None = None
         self._level_probs: list[Tensor] | None = None
-        self._value_grads: dict[tuple, Tensor] = {}
-
-    # ------------------------------------------------------------------ helpers
+        self._jac: Tensor | None = None
+        self._value_grads: dict = {}
 
     @property
     def n_sequences(self) -> int:
-        return self.tokens.shape[0]
+        return self.N
 
-    def grad_of(self, scalar: Tensor) -> Tensor:
-        """Flat gradient of ``scalar`` (built on this engine's forward pass) with respect to theta."""
-        grads = torch.autograd.grad(scalar, self.params, retain_graph=True, allow_unused=True)
+    # ------------------------------------------------------------------ mapping coefficients to theta
+
+    def flat(self, grads) -> Tensor:
         return torch.cat(
             [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)]
         )
 
-    def coefficients(self, config: KLConfig) -> Coefficients:
-        """dS(y)/dlogp for every sequence (see ``placements.surrogate_coefficients``)."""
-        return surrogate_coefficients(
-            config, self.tokens, self._logp_full_det, self.logp_ref_full, self._logp_tok, self._logp_ref_tok
-        )
+    def grad_of(self, scalar: Tensor) -> Tensor:
+        """Flat gradient of ``scalar`` (built on this engine's forward pass) with respect to theta."""
+        return self.flat(torch.autograd.grad(scalar, self.params, retain_graph=True, allow_unused=True))
+
+    def weighted_grad(self, wa_tok: Tensor | None, wc_full: Tensor | None) -> Tensor:
+        """(P,) sum_n [sum_t wa[n,t] grad log pi(y_nt|y_<t) + sum_{t,v} wc[n,t,v] grad log pi(v|y_<t)].
+
+        A reshape-sum for tabular models over all V**T sequences (closed form), one backward pass otherwise.
+        """
+        if self.policy.closed_form_grads and self.eos is None:
+            if self._level_probs is None:
+                self._level_probs = self.policy.level_probs()
+            return self.policy.enumerated_expected_grad(wa_tok, wc_full, self._level_probs)
+        outputs, cotangents = [], []
+        if wa_tok is not None:
+            outputs.append(self._logp_tok)
+            cotangents.append(wa_tok)
+        if wc_full is not None:
+            outputs.append(self.logp_full)
+            cotangents.append(wc_full * self.mask.unsqueeze(-1))
+        if not outputs:
+            return torch.zeros(self.P, dtype=DTYPE)
+        return self.flat(torch.autograd.grad(outputs, self.params, cotangents, retain_graph=True, allow_unused=True))
 
     def per_sample_sq_norms(self, coef: Coefficients) -> Tensor:
-        """(N,) ||g(y)||^2 for every sequence (closed form for tabular models, torch.func otherwise)."""
+        """(N,) ||g(y)||^2 of one response's update for coefficients (N, T) [+ (N, T, V)]: closed form for tabular
+        models, torch.func otherwise."""
         if self.policy.closed_form_grads:
-            if coef.full is None:
-                if self._tok_factor is None:
-                    self._tok_factor = self.policy.token_sq_norm_factor(self.tokens)  # (N, T)
-                return (coef.tok**2 * self._tok_factor).sum(-1)
             return self.policy.per_sample_sq_norms(self.tokens, coef.tok, coef.full)
         from .persample import per_sample_sq_norms
 
         return per_sample_sq_norms(self.policy, self.tokens, coef.dense(self.tokens, self.V))
 
+    def jacobian(self) -> Tensor:
+        """(N, T, P) grad_theta log pi(y_t | y_<t) for every response token (0 on padding), by torch.func."""
+        if self._jac is None:
+            from torch.func import functional_call, jacrev
+
+            names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
+            tokens, mask = self.tokens, self.mask
+
+            def f(params: tuple[Tensor, ...]) -> Tensor:
+                lp = functional_call(self.policy, dict(zip(names, params)), (tokens,), strict=False)  # (N, T, V)
+                return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask  # (N, T)
+
+            jac = jacrev(f)(tuple(p.detach() for p in self.params))
+            self._jac = torch.cat([j.reshape(self.N, self.T, -1) for j in jac], -1)  # (N, T, P)
+        return self._jac
+
     # ------------------------------------------------------------------ truths
 
     def truths(self) -> Truths:
-        """Exact KLs and the named gradient directions.
+        """Exact KLs and the named gradient directions over complete responses (weights pi, whatever mu is).
 
-        Each gradient is written as sum_y of coefficients times grad log pi, using grad pi(y) = pi(y) grad log pi(y)
-        (exact, not a sampling identity), and summed by ``weighted_grad``:
+        Each gradient is a weighted sum of grad log pi, using grad pi(y) = pi(y) grad log pi(y) (exact):
 
             grad KL(pi||pi_ref)  = sum_y pi(y) (log pi(y)/pi_ref(y) + 1) grad log pi(y)
             grad KL(pi_ref||pi)  = -sum_y pi_ref(y) grad log pi(y)
@@ -249,111 +424,217 @@ class ExactEngine:
         """
         if self._truths is not None:
             return self._truths
-        w = self.weights  # (N,) pi(y)
+        w, m = self.weights, self.mask  # (N,), (N, T)
         lp, lr = self.logp_seq.detach(), self.logp_ref_seq  # (N,)
         lp_full, lr_full = self._logp_full_det, self.logp_ref_full  # (N, T, V)
-        ones = torch.ones_like(self._logp_ref_tok)  # (N, T)
+        mw = (w[:, None] * m)[..., None]  # (N, T, 1)
         directions = {
-            "reverse_kl": self.weighted_grad((w * (lp - lr + 1))[:, None] * ones, None),
-            "forward_kl": self.weighted_grad(-lr.exp()[:, None] * ones, None),
-            "forward_kl_token": self.weighted_grad(None, -w[:, None, None] * lr_full.exp()),
-            "reverse_kl_token": self.weighted_grad(None, w[:, None, None] * lp_full.exp() * (lp_full - lr_full + 1)),
+            "reverse_kl": self.weighted_grad((w * (lp - lr + 1))[:, None] * m, None),
+            "forward_kl": self.weighted_grad(-lr.exp()[:, None] * m, None),
+            "forward_kl_token": self.weighted_grad(None, -mw * lr_full.exp()),
+            "reverse_kl_token": self.weighted_grad(None, mw * lp_full.exp() * (lp_full - lr_full + 1)),
         }
         directions["zero"] = torch.zeros_like(directions["reverse_kl"])
         kl_rev = float((w * (lp - lr)).sum())
         kl_fwd = float((lr.exp() * (lr - lp)).sum())
-        self._truths = Truths(kl_rev, kl_fwd, directions)
+        score_sq = self.per_sample_sq_norms(Coefficients(m.clone(), None))  # (N,) ||grad log pi(y)||^2
+        self._truths = Truths(kl_rev, kl_fwd, directions, math.sqrt(float((w * score_sq).sum())))
         return self._truths
 
     def truths_autograd(self) -> dict[str, Tensor]:
         """The four gradients by autograd of their defining sums (slower; a cross-check of ``truths``)."""
-        w, lp, lr = self.weights, self.logp_seq, self.logp_ref_seq
+        w, lp, lr, m = self.weights, self.logp_seq, self.logp_ref_seq, self.mask
         p_full, q_full = self.logp_full.exp(), self.logp_ref_full.exp()  # (N, T, V)
         return {
             "reverse_kl": self.grad_of((lp.exp() * (lp - lr)).sum()),
             "forward_kl": self.grad_of((lr.exp() * (lr - lp)).sum()),
             "forward_kl_token": self.grad_of(
-                (w[:, None] * (q_full * (self.logp_ref_full - self.logp_full)).sum(-1)).sum()
+                (w[:, None] * m * (q_full * (self.logp_ref_full - self.logp_full)).sum(-1)).sum()
             ),
             "reverse_kl_token": self.grad_of(
-                (w[:, None] * (p_full * (self.logp_full - self.logp_ref_full)).sum(-1)).sum()
+                (w[:, None] * m * (p_full * (self.logp_full - self.logp_ref_full)).sum(-1)).sum()
             ),
         }
 
-    # ------------------------------------------------------------------ configurations
+    def kl_reverse(self) -> float:
+        """KL(pi || pi_ref) over complete responses."""
+        return self.truths().kl_reverse
 
-    def weighted_grad(self, wa_tok: Tensor | None, wc_full: Tensor | None) -> Tensor:
-        """(P,) sum_n [sum_t wa[n,t] grad log pi(y_nt|y_<t) + sum_{t,v} wc[n,t,v] grad log pi(v|y_<t)].
+    def task_grad(self) -> Tensor:
+        """(P,) grad E_pi[R] = sum_y pi(y) R(y) grad log pi(y) (zeros without a task reward)."""
+        if self.task_reward is None:
+            return torch.zeros(self.P, dtype=DTYPE)
+        return self.weighted_grad((self.weights * self.task_reward)[:, None] * self.mask, None)
 
-        A reshape-sum for tabular models (closed form), one backward pass otherwise.
+    # ------------------------------------------------------------------ the estimator's own expected value
+
+    def expected_value_grad(self, config: Recipe) -> Tensor | None:
+        """(P,) grad_theta E_pi[K]: the true derivative of the KL estimate's expected value (None when the
+        configuration has no single estimator).
+
+        d/dtheta sum_y pi(y) K_theta(y) = sum_y pi(y) [K(y) grad log pi(y) + dK/dlogp . grad logp]. dK/dlogp is the
+        derivative of K's *value* (a fourth-order finite difference, so detach / straight-through tricks inside the
+        estimator do not change it), or autograd for estimators reading whole distributions.
         """
-        if self.policy.closed_form_grads:
-            if self._level_probs is None:
-                self._level_probs = self.policy.level_probs()
-            return self.policy.enumerated_expected_grad(wa_tok, wc_full, self._level_probs)
-        outputs, cotangents = [], []
-        if wa_tok is not None:
-            outputs.append(self.batch.logp)
-            cotangents.append(wa_tok)
-        if wc_full is not None:
-            outputs.append(self.logp_full)
-            cotangents.append(wc_full)
-        grads = torch.autograd.grad(outputs, self.params, grad_outputs=cotangents, retain_graph=True)
-        return self.policy.flat(grads)
+        est = config.estimator
+        if est is None or (config.has_reward_kl and config.has_loss_kl and config.reward_estimator != est):
+            return None
+        key = (est, config.level)
+        if key in self._value_grads:
+            return self._value_grads[key]
+        from .recipes import Recipe as _R
 
-    def expected_grad(self, config: KLConfig, coef: Coefficients | None = None) -> Tensor:
-        """(P,) E_{y~pi}[g(y)] = sum_y pi(y) g(y)."""
-        coef = self.coefficients(config) if coef is None else coef
+        view = _R(loss_estimator=est, loss_coef=1.0, level=config.level)
+        m, lr = self.mask, self._logp_ref_tok
         w = self.weights
-        wc = None if coef.full is None else w[:, None, None] * coef.full  # (N, T, V)
-        return self.weighted_grad(w[:, None] * coef.tok, wc)
-
-    def expected_value_grad(self, config: KLConfig) -> Tensor:
-        """(P,) grad_theta E_pi[K]: the full derivative of the estimator's expected value.
-
-        Under enumeration the score-function identity is exact, so this is E[g] of the same estimator placed in
-        reward + loss with full credit (tests check it against autograd of sum_y pi(y) K(y)).
-        """
-        key = (config.estimator.name, config.level)
-        if key not in self._value_grads:
-            both = KLConfig(config.estimator, Placement.BOTH, config.level, Credit.FULL)
-            self._value_grads[key] = self.expected_grad(both)
-        return self._value_grads[key]
-
-    def evaluate(self, config: KLConfig) -> ExactResult:
-        """Exact expected gradient, variance, bias, cosines, verdict and matched direction of ``config``."""
-        tr = self.truths()
-        coef = self.coefficients(config)  # (N, T, V)
-        mean = self.expected_grad(config, coef)  # (P,)
-        second = float((self.weights * self.per_sample_sq_norms(coef)).sum())
-        variance = max(second - float(mean @ mean), 0.0)
-        ref_norm = float(tr.grad_reverse.norm())
-        bias = float((mean - tr.grad_reverse).norm())
-        rel_bias = bias / ref_norm if ref_norm > 0 else (0.0 if bias == 0 else math.inf)
-        directions = dict(tr.directions)
-        zero = directions.pop("zero")
-        directions["expected_value"] = self.expected_value_grad(config)
-        directions["zero"] = zero
-        matches = matched_directions(mean, directions)
-        if "reverse_kl" in matches:
-            verdict = "unbiased"  # (also when everything is zero: policy == reference)
-        elif "zero" in matches:
-            verdict = "zero"
+        if est.needs_full_logits:
+            full = self._logp_full_det.clone().requires_grad_(True)
+            big_k = view.kl_estimate(self.logp, lr, m, (full, self.logp_ref_full))  # (N,)
+            (d_full,) = torch.autograd.grad(big_k.sum(), full)
+            d_tok, big_k = torch.zeros_like(self.logp), big_k.detach()
+            wc = w[:, None, None] * d_full
         else:
-            verdict = "biased"
-        return ExactResult(
-            config=config,
-            expected_grad=mean.detach(),
-            variance=variance,
-            rel_bias=rel_bias,
-            cos_reverse=math.nan if verdict == "zero" else _cos(mean, tr.grad_reverse),  # round-off has no direction
-            cos_forward=math.nan if verdict == "zero" else _cos(mean, tr.grad_forward),
-            verdict=verdict,
-            matches=matches[0] if matches else "none",
-            all_matches=matches,
-        )
+            h = float(torch.finfo(config_dtype(config)).eps) ** 0.2
 
-    def evaluate_all(self, configs: list[KLConfig], progress: bool = False) -> list[ExactResult]:
+            def value(lp: Tensor) -> Tensor:
+                with torch.no_grad():
+                    return view.kl_estimate(lp * m, lr, m)  # (N,)
+
+            big_k = value(self.logp)
+            d_tok = _fd_derivative(value, self.logp, h) * m
+            wc = None
+        g = self.weighted_grad(w[:, None] * (big_k[:, None] * m + d_tok), wc)
+        self._value_grads[key] = g
+        return g
+
+    # ------------------------------------------------------------------ coefficients over groups
+
+    def _group_chunks(self, chunk: int):
+        """Yield (idx (E, B) response indices, prob (E,) group probability under mu) over all N**B groups."""
+        total = self.N**self.B
+        powers = self.N ** torch.arange(self.B - 1, -1, -1)  # (B,)
+        for start in range(0, total, chunk):
+            n = torch.arange(start, min(start + chunk, total))
+            idx = (n.unsqueeze(1) // powers) % self.N  # (E, B)
+            yield idx, self.prob_mu[idx].prod(-1)
+
+    def _inputs(self, idx: Tensor):
+        rew = None if self.task_reward is None else self.task_reward[idx]  # (E, B)
+        return self.logp[idx], self.logp_mu[idx], self.logp_ref[idx], self.mask[idx], rew  # (E, B, T) each
+
+    def whiten_stats(self, config, chunk: int = 65536) -> tuple[float, float]:
+        """Population (mean, std) of the per-token advantages of ``config`` under mu: the limit of a large
+        rollout batch's token-level whitening."""
+        from .recipes import advantages
+
+        s0 = s1 = s2 = 0.0
+        for idx, prob in self._group_chunks(chunk):
+            lp, lo, lr, m, rew = self._inputs(idx)
+            adv = advantages(config, lo, lp, lr, m, rew)  # (E, B, T)
+            s0 += float((prob[:, None, None] * m).sum())
+            s1 += float((prob[:, None, None] * m * adv).sum())
+            s2 += float((prob[:, None, None] * m * adv**2).sum())
+        mean = s1 / s0
+        var = max(s2 / s0 - mean**2, 0.0)
+        return mean, math.sqrt(max(var, 1e-8))
+
+    def _loss_coefficients(self, config, idx: Tensor, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
+        lp, lo, lr, m, rew = self._inputs(idx)
+        leaf = lp.clone().requires_grad_(True)  # (E, B, T)
+        full = None
+        if getattr(config, "needs_full_logits", False):
+            full = (self._logp_full_det[idx].requires_grad_(True), self.logp_ref_full[idx])  # (E, B, T, V)
+        loss = config.batch_loss(leaf, lo, lr, m, rew, whiten_stats, **({"full": full} if full else {}))  # (E,)
+        if loss.shape != idx.shape[:1]:
+            raise ValueError(f"{config.label}: the loss has shape {tuple(loss.shape)}, expected ({idx.shape[0]},)")
+        if not torch.isfinite(loss).all():
+            raise ValueError(f"{config.label}: the loss is non-finite (NaN/inf) for some groups")
+        inputs = [leaf] if full is None else [leaf, full[0]]
+        grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None] * 2
+        a = torch.zeros_like(lp) if grads[0] is None else grads[0]
+        c = None
+        if full is not None:
+            c = torch.zeros_like(full[0]) if grads[1] is None else grads[1]
+        return a, c
+
+    def coefficients(self, config, idx: Tensor | None = None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
+        """(a (E, B, T), c (E, B, T, V) or None): dL/dlogp of every group's loss (the KL part when a task reward
+        is set); ``idx`` (E, B) response indices (default: every response alone, B = 1)."""
+        idx = torch.arange(self.N).unsqueeze(1) if idx is None else idx
+        a, c = self._loss_coefficients(config, idx, whiten_stats)
+        if self.task_reward is not None and hasattr(config, "without_kl"):
+            a0, c0 = self._loss_coefficients(config.without_kl(), idx, whiten_stats)
+            a = a - a0
+            c = None if c is None else c - (0 if c0 is None else c0)
+        m = self.mask[idx]
+        if c is not None:
+            c = c * m.unsqueeze(-1)
+        a = a * m
+        if not torch.isfinite(a).all() or (c is not None and not torch.isfinite(c).all()):
+            raise ValueError(
+                f"{config.label}: the update is non-finite (NaN/inf) for some groups, e.g. a division by a zero "
+                "group std with grpo_eps = 0"
+            )
+        return a, c
+
+    def moments(self, config, chunk: int | None = None) -> tuple[Tensor, float, float | None]:
+        """(E[g] (P,), E||g||^2, whitening std or None) over all groups."""
+        stats = self.whiten_stats(config) if getattr(config, "whiten", False) else None
+        if self.B == 1:
+            a, c = self.coefficients(config, None, stats)  # (N, 1, T), (N, 1, T, V)
+            a, c = a[:, 0], None if c is None else c[:, 0]
+            w = self.prob_mu
+            mean = self.weighted_grad(w[:, None] * a, None if c is None else w[:, None, None] * c)
+            second = float((w * self.per_sample_sq_norms(Coefficients(a, c))).sum())
+            return mean, second, (None if stats is None else stats[1])
+        if getattr(config, "needs_full_logits", False):
+            raise ValueError("groups of B > 1 take per-token estimators only (no full-logit estimator)")
+        jac = self.jacobian()  # (N, T, P)
+        chunk = chunk or max(1, int(2e7 // (self.B * self.T * max(self.P, 1))))
+        acc = torch.zeros(self.N, self.T, dtype=DTYPE)  # per-response coefficients weighted by group probability
+        second = 0.0
+        for idx, prob in self._group_chunks(chunk):
+            a, _ = self.coefficients(config, idx, stats)  # (E, B, T)
+            acc.index_add_(0, idx.reshape(-1), (prob[:, None, None] * a).reshape(-1, self.T))
+            g = torch.einsum("ebt,ebtp->ep", a, jac[idx])  # (E, P) one update per group
+            second += float(prob @ (g**2).sum(-1))
+        return self.weighted_grad(acc, None), second, (None if stats is None else stats[1])
+
+    def expected_grad(self, config) -> Tensor:
+        """(P,) E[g] over groups drawn from mu."""
+        return self.moments(config)[0]
+
+    # ------------------------------------------------------------------ verdicts
+
+    def evaluate(self, config) -> ExactResult:
+        """Exact expected update, variance, verdict (``biaslab.verdict``) and matched directions of ``config``."""
+        tr = self.truths()
+        mean, second, wstd = self.moments(config)
+        variance = max(second - float(mean @ mean), 0.0)
+        nominal = config.nominal_scale(self.B, self.T, wstd)
+        directions = {k: v for k, v in tr.directions.items() if k != "zero"}
+        ev = self.expected_value_grad(config) if isinstance(config, Recipe) else None
+        if ev is not None:
+            directions["expected_value"] = ev
+        info = exact_verdict(mean, directions, nominal, math.sqrt(max(second, 0.0)), tr.undefined, config_dtype(config))
+        return ExactResult(config, mean.detach(), variance, nominal, info)
+
+    def evaluate_all(self, configs: list, progress: bool = False) -> list[ExactResult]:
         from tqdm.auto import tqdm
 
         return [self.evaluate(c) for c in tqdm(configs, desc="exact", disable=not progress, leave=False)]
+
+
+__all__ = [
+    "DIRECTIONS",
+    "EnumerationTooLarge",
+    "ExactEngine",
+    "ExactResult",
+    "Truths",
+    "check_enumerable",
+    "config_dtype",
+    "count_complete",
+    "enumerate_complete",
+    "enumerate_sequences",
+    "estimator_dtype",
+]

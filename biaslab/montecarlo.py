@@ -1,11 +1,13 @@
-"""Monte Carlo engine: sample sequences, compute every sample's gradient estimate g(y) of
-grad KL(pi_theta || pi_ref) (reverse, sequence level) with the same ``KLConfig`` objects as the exact engine.
+"""Monte Carlo engine: sample groups of responses and compute every group's update g, an estimate of
+grad KL(pi_theta || pi_ref) (reverse, sequence level) times the configuration's nominal scale, with the same
+configuration objects (``biaslab.recipes.Recipe``, ``make_config``) and the same interface as the exact engine.
 
-For y_1..y_n ~ pi (or ~ mu, a behaviour policy, with the sequence importance weight rho = pi(y)/mu(y) multiplying
-each g), the sample mean estimates E[g]; ``biaslab.stats`` turns the per-sample gradients into bias tests and
-confidence intervals. Per-sample gradients are computed from the surrogate's coefficients a = dS/dlogp
-(``placements.surrogate_coefficients``): in closed form for tabular models (optionally projected on k directions
-without forming the P-vector), with torch.func otherwise. Everything is batched and driven by a torch.Generator.
+Groups of B responses are drawn i.i.d. from the behaviour policy mu (the policy itself on-policy), each response
+until EOS or T tokens; a group's update is g = sum_{i,t} a_it grad log pi(y_it|y_i,<t) (+ full-distribution terms)
+with a = dL/dlogp of ``Recipe.batch_loss``, so E[g] here is the exact engine's E[g]. ``biaslab.stats`` turns the
+per-group gradients into bias tests and confidence intervals (``moments`` streams them: memory independent of n).
+Per-response gradients are closed form for tabular models (optionally projected on k directions without forming
+the P-vector), torch.func otherwise. Everything is batched and driven by a torch.Generator.
 """
 
 from __future__ import annotations
@@ -16,9 +18,26 @@ import torch
 from torch import Tensor
 
 from .persample import per_sample_grads
-from .placements import Coefficients, KLConfig, make_config, surrogate_coefficients
+from .placements import Coefficients, KLConfig, make_config
 from .stats import Moments
-from .toy import AutoregressiveModel, ModelError, TabularAR
+from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
+
+
+@torch.no_grad()
+def sample_complete(
+    model: AutoregressiveModel, n: int, eos: int | None, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """(tokens (n, T), mask (n, T)): responses drawn from ``model`` until ``eos`` or T tokens, padded with 0.
+
+    The toy's next-token law does not depend on what follows, so a fixed-length draw cut after its first EOS is a
+    draw of a complete response; the EOS token itself belongs to the response (mask 1)."""
+    tokens = model.sample(n, generator=generator)  # (n, T)
+    if eos is None:
+        return tokens, torch.ones(tokens.shape, dtype=DTYPE)
+    is_eos = (tokens == eos).to(torch.long)  # (n, T)
+    ended_before = torch.cumsum(is_eos, 1) - is_eos  # (n, T) number of eos strictly before t
+    mask = (ended_before == 0).to(DTYPE)  # (n, T)
+    return tokens * mask.to(torch.long), mask
 
 #: the unbiased, low-variance reference estimator of grad KL(pi || pi_ref): Rao-Blackwellized KL in reward + loss
 REFERENCE_CONFIG = ("rb", "both", "token", "rtg")
@@ -51,12 +70,19 @@ class MonteCarloEngine:
     Args:
         policy: pi_theta (its parameters receive gradients).
         ref: pi_ref.
-        behaviour: optional mu to sample from; each g is then multiplied by rho(y) = pi(y)/mu(y) (detached), which
-            keeps E_mu[rho g] = E_pi[g].
+        behaviour: optional mu to sample from (the update is computed as trainers do, with mu's log-probs as
+            ``logp_old``; no importance weight is added beyond what the configuration itself applies).
+        eos: end-of-sequence token id (None: fixed length T).
+        group_size: B, the responses per group.
     """
 
     def __init__(
-        self, policy: AutoregressiveModel, ref: AutoregressiveModel, behaviour: AutoregressiveModel | None = None
+        self,
+        policy: AutoregressiveModel,
+        ref: AutoregressiveModel,
+        behaviour: AutoregressiveModel | None = None,
+        eos: int | None = None,
+        group_size: int = 1,
     ) -> None:
         for other, name in ((ref, "reference"), (behaviour, "behaviour policy")):
             if other is not None and (other.vocab_size, other.length) != (policy.vocab_size, policy.length):
@@ -66,7 +92,12 @@ class MonteCarloEngine:
                 )
         policy.check_finite("policy")
         ref.check_finite("reference", reference=True)
+        if int(group_size) < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if eos is not None and not 0 <= eos < policy.vocab_size:
+            raise ModelError(f"eos must be a token id in [0, {policy.vocab_size}); got {eos}")
         self.policy, self.ref, self.behaviour = policy, ref, behaviour
+        self.eos, self.B = eos, int(group_size)
         self.n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
 
     def sample(self, n: int, generator: torch.Generator, from_ref: bool = False) -> Tensor:
@@ -74,13 +105,44 @@ class MonteCarloEngine:
         model = self.ref if from_ref else (self.behaviour or self.policy)
         return model.sample(n, generator)
 
-    def grads_for(self, config: KLConfig, tokens: Tensor, projection: Tensor | None = None) -> Tensor:
-        """(n, P) per-sample gradient estimates for the given sequences (or (n, k) projected on projection's rows)."""
+    def sample_complete(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(tokens (n, T), mask (n, T)): responses from mu, each until EOS or T tokens, padded with token 0."""
+        return sample_complete(self.behaviour or self.policy, n, self.eos, generator)
+
+    def group_grads(
+        self, config, tokens: Tensor, mask: Tensor | None = None, projection: Tensor | None = None
+    ) -> Tensor:
+        """(E, P) the update g of every group (or (E, k) projected); tokens and mask (E, B, T)."""
+        E, B, T = tokens.shape
+        flat = tokens.reshape(E * B, T)
+        m = torch.ones(flat.shape, dtype=torch.float64) if mask is None else mask.reshape(E * B, T).to(torch.float64)
         with torch.no_grad():
-            logp_full = self.policy.log_probs(tokens)  # (n, T, V)
-            logp_ref_full = self.ref.log_probs(tokens)  # (n, T, V)
-        coef = surrogate_coefficients(config, tokens, logp_full, logp_ref_full)
-        return self._grads(tokens, logp_full, coef, projection) * self._rho(tokens, logp_full)[:, None]
+            logp_full = self.policy.log_probs(flat)  # (n, T, V)
+            logp_ref_full = self.ref.log_probs(flat)  # (n, T, V)
+            lp = logp_full.gather(-1, flat[..., None]).squeeze(-1) * m  # (n, T)
+            lr = logp_ref_full.gather(-1, flat[..., None]).squeeze(-1) * m
+            lmu = lp if self.behaviour is None else (
+                self.behaviour.log_probs(flat).gather(-1, flat[..., None]).squeeze(-1) * m
+            )
+        leaf = lp.view(E, B, T).clone().requires_grad_(True)
+        full = None
+        if getattr(config, "needs_full_logits", False):
+            full = (logp_full.view(E, B, T, -1).clone().requires_grad_(True), logp_ref_full.view(E, B, T, -1))
+        loss = config.batch_loss(
+            leaf, lmu.view(E, B, T), lr.view(E, B, T), m.view(E, B, T), None, None, **({"full": full} if full else {})
+        )  # (E,)
+        inputs = [leaf] if full is None else [leaf, full[0]]
+        grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None, None]
+        a = torch.zeros_like(lp) if grads[0] is None else grads[0].reshape(E * B, T) * m
+        c = None if full is None else (
+            torch.zeros_like(logp_full) if grads[1] is None else grads[1].reshape(E * B, T, -1) * m[..., None]
+        )
+        g = self._grads(flat, logp_full, Coefficients(a, c), projection)  # (n, P)
+        return g.view(E, B, -1).sum(1)
+
+    def grads_for(self, config: KLConfig, tokens: Tensor, projection: Tensor | None = None) -> Tensor:
+        """(n, P) per-sample updates (groups of one) for the given sequences (or (n, k) projected)."""
+        return self.group_grads(config, tokens.unsqueeze(1), None, projection)
 
     def coefficient_grads(self, tokens: Tensor, coef: Coefficients, projection: Tensor | None = None) -> Tensor:
         """(n, P) gradients sum_t a_t grad log pi(y_t|y_<t) + sum_{t,v} c_tv grad log pi(v|y_<t), given coefficients."""
@@ -96,14 +158,6 @@ class MonteCarloEngine:
         g = torch.cat(chunks)  # (n, P)
         return g if projection is None else g @ projection.T
 
-    def _rho(self, tokens: Tensor, logp_full: Tensor) -> Tensor:
-        if self.behaviour is None:
-            return torch.ones(tokens.shape[0], dtype=logp_full.dtype)
-        with torch.no_grad():
-            lmu = self.behaviour.log_probs(tokens).gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
-        lp = logp_full.gather(-1, tokens[..., None]).squeeze(-1).sum(-1)
-        return (lp - lmu).exp()  # (n,)
-
     def iter_grads(
         self,
         config: KLConfig,
@@ -113,14 +167,19 @@ class MonteCarloEngine:
         projection: Tensor | None = None,
         progress: bool = False,
     ) -> Iterator[Tensor]:
-        """Yield per-sample gradient batches, n samples in all."""
+        """Yield batches of per-group updates (E, P), n groups of B responses in all."""
         from tqdm.auto import tqdm
 
         with tqdm(total=n, desc=f"mc {config.label}", disable=not progress, leave=False) as bar:
             done = 0
             while done < n:
-                m = min(batch_size, n - done)
-                yield self.grads_for(config, self.sample(m, generator), projection)
+                m = min(max(1, batch_size // self.B), n - done)
+                if self.eos is None and self.B == 1:
+                    yield self.grads_for(config, self.sample(m, generator), projection)
+                else:
+                    tokens, mask = self.sample_complete(m * self.B, generator)
+                    T = tokens.shape[1]
+                    yield self.group_grads(config, tokens.view(m, self.B, T), mask.view(m, self.B, T), projection)
                 done += m
                 bar.update(m)
 

@@ -6,7 +6,7 @@
     L(theta) = beta * KL(pi_theta || pi_ref) - E_{y ~ pi_theta}[R(y)]      (reverse KL over complete responses)
 
 so samples drawn from the behaviour are k updates stale for the policy, as in asynchronous or multi-epoch
-training. Gradients come from ``biaslab.exact_recipes.RecipeEngine`` (enumeration, no sampling noise):
+training. Gradients come from ``biaslab.exact.ExactEngine`` (enumeration, no sampling noise):
 grad E[R] = sum_y pi(y) R(y) grad log pi(y).
 """
 
@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import Tensor
 
-from .exact_recipes import RecipeEngine
+from .exact import ExactEngine
 from .toy import AutoregressiveModel
 
 
@@ -29,12 +29,8 @@ def exact_loss_grad(
     task_reward: Tensor | None = None,
 ) -> Tensor:
     """(P,) exact grad of beta * KL(pi || pi_ref) - E_pi[R] over complete responses."""
-    engine = RecipeEngine(model, ref, eos=eos, task_reward=task_reward)
-    g = beta * engine.truths()["reverse_kl"]
-    if task_reward is not None:
-        w = engine.prob_mu * engine.task_reward  # (N,) pi(y) R(y) (on-policy engine: mu = pi)
-        g = g - torch.einsum("n,ntp->p", w, engine.jac)
-    return g
+    engine = ExactEngine(model, ref, eos=eos, task_reward=task_reward)
+    return beta * engine.truths().grad_reverse - engine.task_grad()
 
 
 def _set_flat(model: AutoregressiveModel, vec: Tensor) -> None:

@@ -4,7 +4,8 @@ For a per-sample estimate K_theta(y) the gradient of its expectation splits in t
 
     grad E_{y~pi}[K(y)] = E[ grad K(y) ]  (pathwise)  +  E[ K(y) * grad log pi(y) ]  (score function)
 
-A ``KLConfig`` picks which half a trainer estimates. Its ``surrogate`` returns one scalar per sample whose
+A configuration (``make_config``, which builds the one configuration type ``biaslab.recipes.Recipe``) picks
+which half a trainer estimates. Its ``surrogate`` returns one scalar per sample whose
 gradient with respect to theta *is* that sample's estimate g(y) of grad KL(pi_theta || pi_ref) (reverse,
 sequence level; beta omitted). With token log-probs logp_t = log pi(y_t|y_<t) and per-token values k_t:
 
@@ -25,12 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .estimators import Estimator, EstimatorError, get_estimator
+
+if TYPE_CHECKING:
+    from .recipes import Recipe as KLConfig
 
 
 class Placement(str, Enum):
@@ -96,77 +100,6 @@ class TokenBatch:
         return self.logp - self.logp_ref
 
 
-@dataclass(frozen=True)
-class KLConfig:
-    """One way to estimate grad KL(pi_theta || pi_ref): estimator x placement x level x credit.
-
-    Credit only matters when a score-function term is present (reward or both); for loss it is ``None``.
-    """
-
-    estimator: Estimator
-    placement: Placement = Placement.REWARD
-    level: Level = Level.TOKEN
-    credit: Credit | None = Credit.RTG
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "estimator", get_estimator(self.estimator))
-        object.__setattr__(self, "placement", _enum(Placement, self.placement))
-        object.__setattr__(self, "level", _enum(Level, self.level))
-        if self.placement is Placement.LOSS:
-            object.__setattr__(self, "credit", None)
-        else:
-            object.__setattr__(self, "credit", _enum(Credit, self.credit or Credit.RTG))
-        if self.estimator.needs_full_logits and self.level is Level.SEQUENCE:
-            raise EstimatorError(
-                f"estimator {self.estimator.name!r} reads full next-token distributions and has no sequence level"
-            )
-
-    @property
-    def label(self) -> str:
-        credit = f", {self.credit.value}" if self.credit is not None else ""
-        return f"{self.estimator.name} in {self.placement.value} ({self.level.value}{credit})"
-
-    # ------------------------------------------------------------------ values
-
-    def token_values(self, batch: TokenBatch) -> Tensor:
-        """(N, T) per-token estimates k_t (token level only), differentiable through logp."""
-        if self.estimator.needs_full_logits:
-            return self.estimator(batch.logp_full, batch.logp_ref_full)  # (N, T)
-        return self.estimator(batch.logp, batch.logp_ref)  # (N, T)
-
-    def sequence_value(self, batch: TokenBatch) -> Tensor:
-        """(N,) the per-sample KL estimate K(y) at this level, differentiable through logp."""
-        if self.level is Level.TOKEN:
-            return self.token_values(batch).sum(-1)
-        return self.estimator(batch.logp.sum(-1), batch.logp_ref.sum(-1))  # (N,)
-
-    def returns(self, batch: TokenBatch) -> tuple[Tensor, Tensor]:
-        """(c, K): the (N, T) credit c_t multiplying grad logp_t, and the (N,) estimate K."""
-        if self.level is Level.TOKEN:
-            k = self.token_values(batch)  # (N, T)
-            big_k = k.sum(-1)  # (N,)
-            if self.credit is Credit.RTG:
-                c = k.flip(-1).cumsum(-1).flip(-1)  # (N, T) sum_{s>=t} k_s
-            else:
-                c = big_k.unsqueeze(-1).expand_as(k)  # (N, T)
-        else:
-            big_k = self.sequence_value(batch)  # (N,)
-            c = big_k.unsqueeze(-1).expand(batch.tokens.shape)  # (N, T)
-        return c, big_k
-
-    # ------------------------------------------------------------------ the surrogate
-
-    def surrogate(self, batch: TokenBatch) -> Tensor:
-        """(N,) per-sample surrogate S(y): grad_theta S(y) is this configuration's gradient estimate g(y)."""
-        c, big_k = self.returns(batch)
-        score = (c.detach() * batch.logp).sum(-1)  # (N,)
-        if self.placement is Placement.REWARD:
-            return score
-        if self.placement is Placement.LOSS:
-            return big_k
-        return score + big_k
-
-
 class Coefficients(NamedTuple):
     """dS/dlogp: ``tok`` (N, T) on the sampled tokens; ``full`` (N, T, V) on whole distributions, or None.
 
@@ -192,18 +125,21 @@ def surrogate_coefficients(
     logp_ref_full: Tensor,
     logp: Tensor | None = None,
     logp_ref: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Coefficients:
-    """Differentiate the surrogate with respect to the log-probabilities (not theta): one cheap backward pass on
-    (N, T) tensors (and (N, T, V) for estimators that read full distributions). Both engines then map the
-    coefficients to theta in their own way (closed form, one backward pass, or torch.func per sample)."""
+    """dS/dlogp of every sample's update, each sample its own group of one (B = 1, on-policy).
+
+    Differentiates ``config.surrogate`` with respect to the log-probabilities (not theta): one cheap backward pass
+    on (N, T) tensors (and (N, T, V) for estimators that read full distributions). The engines then map the
+    coefficients to theta (closed form, one backward pass, or per-sample gradients)."""
     if logp is None:
         logp = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     if logp_ref is None:
         logp_ref = logp_ref_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     tok = logp.detach().requires_grad_(True)  # (N, T)
-    needs_full = config.estimator.needs_full_logits
+    needs_full = config.needs_full_logits
     full = logp_full.detach().requires_grad_(needs_full)  # (N, T, V)
-    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, logp_ref.detach()))  # (N,)
+    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, logp_ref.detach()), mask)  # (N,)
     if s.shape != tokens.shape[:1]:
         raise ValueError(f"surrogate of {config.label} has shape {tuple(s.shape)}, expected ({tokens.shape[0]},)")
     inputs = [tok, full] if needs_full else [tok]
@@ -221,8 +157,33 @@ def make_config(
     level: str | Level = "token",
     credit: str | Credit | None = "rtg",
 ) -> KLConfig:
-    """Build a ``KLConfig`` from names, with clear errors for unknown ones."""
-    return KLConfig(get_estimator(estimator), placement, level, credit)
+    """The basic configuration estimator x placement x level x credit, as the one configuration type ``Recipe``:
+    one response (B = 1), on-policy REINFORCE (no baseline, no ratio), token-sum, coefficient 1 on each KL term.
+    Its update is the per-sample estimate g(y) of grad KL(pi || pi_ref) of BACKGROUND section 3; credit only
+    matters with a score-function term (reward or both) and is dropped for loss."""
+    from .recipes import Recipe
+
+    est = get_estimator(estimator)
+    placement = _enum(Placement, placement)
+    level = _enum(Level, level)
+    credit = None if placement is Placement.LOSS else _enum(Credit, credit or Credit.RTG)
+    if est.needs_full_logits and level is Level.SEQUENCE:
+        raise EstimatorError(f"estimator {est.name!r} reads full next-token distributions and has no sequence level")
+    in_reward = placement in (Placement.REWARD, Placement.BOTH)
+    in_loss = placement in (Placement.LOSS, Placement.BOTH)
+    label = f"{est.name} in {placement.value} ({level.value}" + (f", {credit.value})" if credit else ")")
+    return Recipe(
+        name=label,
+        reward_estimator=est if in_reward else None,
+        reward_coef=1.0 if in_reward else 0.0,
+        reward_credit=credit.value if credit else "rtg",
+        loss_estimator=est if in_loss else None,
+        loss_coef=1.0 if in_loss else 0.0,
+        pg_ratio="none",
+        pg_agg="token-sum",
+        loss_agg="token-sum",
+        level=level.value,
+    )
 
 
 def all_configs(
@@ -240,24 +201,18 @@ def all_configs(
                 if est.needs_full_logits and level == "sequence":
                     continue
                 for credit in credits if placement != "loss" else (None,):
-                    cfg = KLConfig(est, placement, level, credit)
+                    cfg = make_config(est, placement, level, credit)
                     if cfg not in out:
                         out.append(cfg)
     return out
 
 
-def as_batch(tokens: Tensor, logp_full: Tensor, logp_ref_full: Tensor) -> TokenBatch:
-    """Validated ``TokenBatch``: shapes agree, tokens in range."""
-    if tokens.dim() != 2 or logp_full.dim() != 3 or logp_full.shape != logp_ref_full.shape:
-        raise ValueError(
-            f"expected tokens (N, T) and log-probs (N, T, V) of equal shape; got {tuple(tokens.shape)}, "
-            f"{tuple(logp_full.shape)}, {tuple(logp_ref_full.shape)}"
-        )
-    if tokens.shape != logp_full.shape[:2]:
-        raise ValueError(f"tokens {tuple(tokens.shape)} do not match log-probs {tuple(logp_full.shape)}")
-    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= logp_full.shape[-1]):
-        raise ValueError(f"tokens must lie in [0, {logp_full.shape[-1]})")
-    return TokenBatch(tokens, logp_full, logp_ref_full)
+def __getattr__(name: str):
+    if name == "KLConfig":  # the one configuration type lives in recipes.py; this name is kept for imports
+        from .recipes import Recipe
+
+        return Recipe
+    raise AttributeError(name)
 
 
 __all__ = [
@@ -268,7 +223,6 @@ __all__ = [
     "KLConfig",
     "make_config",
     "all_configs",
-    "as_batch",
     "Coefficients",
     "surrogate_coefficients",
 ]

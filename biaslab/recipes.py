@@ -25,6 +25,15 @@ A ``Recipe`` adds, around a KL estimator, what real trainers do with it:
   the same weight applied to the gradient only (value unchanged; OpenRLHF ``unbiased_gradient``).
 * **Aggregation** of each per-token loss matrix by ``biaslab.aggregation.aggregate``.
 
+* **Level** (``level``): ``token`` uses the per-token values k_t; ``sequence`` the value of the summed log-ratio,
+  K = k(sum_t logp_t, sum_t logp_ref_t), which in the reward credits every token with K and in the loss sits on the
+  response's last token. Estimators that read whole next-token distributions (``rb``) are token level and need the
+  full log-probabilities (``logp_full``).
+
+``Recipe`` is biaslab's one configuration type: ``biaslab.placements.make_config(estimator, placement, level,
+credit)`` builds the basic ones (B = 1, no baseline, on-policy REINFORCE, token-sum, coefficient 1), for which the
+update is the per-sample estimate g(y) of grad KL(pi || pi_ref) of BACKGROUND section 3.
+
 ``batch_loss`` evaluates a recipe on stacked batches (..., B, T), so the exact engine can pass every enumerated
 group at once. The gradient is an estimate of beta * grad KL(pi_theta || pi_ref) (reverse, sequence level) times
 the recipe's nominal scale (``nominal_scale``); ``biaslab.exact_recipes`` says whether it is unbiased.
@@ -40,13 +49,14 @@ from torch import Tensor
 
 from .aggregation import check_mode, nominal_token_weight
 from .estimators import Estimator, get_estimator
-from .placements import KLConfig, TokenBatch
+from .placements import TokenBatch
 
 BASELINES = ("none", "batch_mean", "rloo", "grpo")
 CREDITS = ("rtg", "full")
 PG_RATIOS = ("none", "token", "sequence")
 RATIO_GRADS = ("differentiable", "detached")
 LOSS_WEIGHTS = ("none", "ratio", "score", "ratio_detached", "ratio_detached_grad")
+LEVELS = ("token", "sequence")
 
 
 class RecipeError(ValueError):
@@ -90,6 +100,8 @@ class Recipe:
     loss_weight_clamp: float | None = None
     loss_agg: str = "seq-mean-token-sum"
     horizon: int | None = None
+    # token: sum_t k(delta_t); sequence: k(sum_t delta_t) (both estimators)
+    level: str = "token"
 
     def __post_init__(self) -> None:
         if self.reward_estimator is not None:
@@ -103,6 +115,10 @@ class Recipe:
         _choice("pg_ratio", self.pg_ratio, PG_RATIOS)
         _choice("pg_ratio_grad", self.pg_ratio_grad, RATIO_GRADS)
         _choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
+        _choice("level", getattr(self.level, "value", self.level), LEVELS)
+        from .placements import Level
+
+        object.__setattr__(self, "level", Level(getattr(self.level, "value", self.level)))
         check_mode(self.pg_agg)
         check_mode(self.loss_agg)
         for name in ("reward_coef", "loss_coef", "grpo_eps", "reward_lambda"):
@@ -120,8 +136,12 @@ class Recipe:
             if value is not None and not value > 0:
                 raise RecipeError(f"{name} must be positive (or None), got {value}")
         for est in (self.reward_estimator, self.loss_estimator):
-            if est is not None and est.needs_full_logits:
-                raise RecipeError(f"estimator {est.name!r} needs full logits; recipes take per-token estimators")
+            if est is not None and est.needs_full_logits and self.level == "sequence":
+                raise RecipeError(
+                    f"estimator {est.name!r} reads full next-token distributions and has no sequence level"
+                )
+        if self.level == "sequence" and self.has_loss_kl and self.loss_weight != "none":
+            raise RecipeError("a sequence-level KL loss takes no per-token weight (loss_weight must be 'none')")
 
     @property
     def has_reward_kl(self) -> bool:
@@ -149,63 +169,186 @@ class Recipe:
         return c_r, c_l
 
     def nominal_scale(self, batch_size: int, length: int, whiten_std: float | None = None) -> float:
-        """c such that an unbiased recipe's expected update is c * grad KL(pi || pi_ref) (sum of both parts)."""
-        return sum(self.nominal_parts(batch_size, length, whiten_std))
+        """c such that an unbiased recipe's expected update is c * grad KL(pi || pi_ref).
+
+        One KL term alone: its part. A reward + loss pair estimates grad KL once (score-function half plus
+        pathwise half), so its scale is the common coefficient (the mean of the two parts when they differ).
+        """
+        c_r, c_l = self.nominal_parts(batch_size, length, whiten_std)
+        if c_r and c_l:
+            return c_r if math.isclose(c_r, c_l, rel_tol=1e-12) else 0.5 * (c_r + c_l)
+        return c_r + c_l
 
     def describe(self) -> str:
         parts = []
+        lvl = "" if self.level == "token" else ", sequence level"
         if self.has_reward_kl:
             parts.append(
-                f"{self.reward_coef:g}*{self.reward_estimator.name} in reward ({self.reward_credit}, "
+                f"{self.reward_coef:g}*{self.reward_estimator.name} in reward ({self.reward_credit}{lvl}, "
                 f"baseline {self.baseline} on {self.baseline_on}{', whitened' if self.whiten else ''})"
             )
         if self.has_loss_kl:
             w = "" if self.loss_weight == "none" else f" x {self.loss_weight}"
-            parts.append(f"{self.loss_coef:g}*{self.loss_estimator.name}{w} in loss ({self.loss_agg})")
+            parts.append(f"{self.loss_coef:g}*{self.loss_estimator.name}{w} in loss ({self.loss_agg}{lvl})")
         pg = f"pg {self.pg_ratio}/{self.pg_ratio_grad}"
         if self.pg_clip is not None:
             pg += f" clip {self.pg_clip}"
         parts.append(f"{pg}, {self.pg_agg}")
         return "; ".join(parts) if parts else "no KL"
 
+    # ------------------------------------------------------------------ the basic view (make_config)
+
+    @property
+    def needs_full_logits(self) -> bool:
+        """Capability flag: some estimator reads whole next-token distributions (pass ``logp_full``)."""
+        return any(e is not None and e.needs_full_logits for e in (self.reward_estimator, self.loss_estimator))
+
+    @property
+    def estimator(self) -> Estimator | None:
+        """The KL estimator (the loss one when only that is present, else the reward one)."""
+        if self.has_reward_kl:
+            return self.reward_estimator
+        return self.loss_estimator if self.has_loss_kl else None
+
+    @property
+    def placement(self):
+        """``Placement`` reward / loss / both (None without a KL term)."""
+        from .placements import Placement
+
+        if self.has_reward_kl and self.has_loss_kl:
+            return Placement.BOTH
+        if self.has_reward_kl:
+            return Placement.REWARD
+        return Placement.LOSS if self.has_loss_kl else None
+
+    @property
+    def credit(self):
+        """``Credit`` of the score-function term, None when the KL is only in the loss."""
+        from .placements import Credit
+
+        return Credit(self.reward_credit) if self.has_reward_kl else None
+
+    @property
+    def label(self) -> str:
+        """'k3 in loss (token)' for basic configurations, ``describe()`` otherwise."""
+        if self.name != "custom":
+            return self.name
+        return self.describe()
+
+    def kl_estimate(self, logp: Tensor, logp_ref: Tensor, mask: Tensor | None = None, full=None) -> Tensor:
+        """(...,) the per-response KL estimate K(y) of ``estimator`` at this level (differentiable through logp).
+
+        Inputs (..., T) masked log-probs (``full``: ((..., T, V), (..., T, V)) for full-logit estimators)."""
+        mask = torch.ones_like(logp) if mask is None else mask
+        if self.level == "sequence":
+            return sequence_values(self.estimator, logp, logp_ref, mask)
+        return (token_values(self.estimator, logp, logp_ref, mask, full) * mask).sum(-1)
+
+    # the per-sample views used by the Monte Carlo engine and the LLM path (B = 1 each)
+
+    def token_values(self, batch: TokenBatch) -> Tensor:
+        """(N, T) per-token estimates k_t of ``estimator`` on a ``TokenBatch``, differentiable through logp."""
+        return token_values(self.estimator, batch.logp, batch.logp_ref, None, (batch.logp_full, batch.logp_ref_full))
+
+    def sequence_value(self, batch: TokenBatch) -> Tensor:
+        """(N,) the per-sample KL estimate K(y) at this level."""
+        return self.kl_estimate(batch.logp, batch.logp_ref, None, (batch.logp_full, batch.logp_ref_full))
+
+    def surrogate(self, batch: TokenBatch, mask: Tensor | None = None) -> Tensor:
+        """(N,) per-sample loss: every sample its own group of one, on-policy; its gradient is g(y)."""
+        lp = batch.logp.unsqueeze(1)  # (N, 1, T)
+        mask = torch.ones_like(batch.logp) if mask is None else mask
+        full = None
+        if self.needs_full_logits:
+            full = (batch.logp_full.unsqueeze(1), batch.logp_ref_full.unsqueeze(1))  # (N, 1, T, V) each
+        return self.batch_loss(lp, lp.detach(), batch.logp_ref.unsqueeze(1), mask.unsqueeze(1), full=full)
+
+    def batch_loss(
+        self,
+        logp: Tensor,
+        logp_old: Tensor,
+        logp_ref: Tensor,
+        mask: Tensor,
+        task_reward: Tensor | None = None,
+        whiten_stats: tuple[float, float] | None = None,
+        full: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The update rule's interface for the engines: ``batch_loss(self, ...)`` (see the function)."""
+        return batch_loss(self, logp, logp_old, logp_ref, mask, task_reward, whiten_stats, full)
+
 
 # ---------------------------------------------------------------- pieces
 
 
-def _token_batch(logp: Tensor, logp_ref: Tensor) -> TokenBatch:
-    """A TokenBatch over (M, T) gathered log-probs (no full distributions: per-token estimators only)."""
-    tokens = torch.zeros(logp.shape, dtype=torch.long)
-    return TokenBatch(tokens, None, None, sampled_logp=logp, sampled_logp_ref=logp_ref)  # type: ignore[arg-type]
-
-
-def kl_reward_credit(recipe: Recipe, logp_at: Tensor, logp_ref: Tensor) -> tuple[Tensor, Tensor]:
-    """(c (..., T), K (...)): the credit multiplying each token's log-prob and the return, from placements."""
-    shape = logp_at.shape
-    cfg = KLConfig(recipe.reward_estimator, "reward", "token", recipe.reward_credit)
-    batch = _token_batch(logp_at.reshape(-1, shape[-1]), logp_ref.reshape(-1, shape[-1]))
-    c, big_k = cfg.returns(batch)
-    if recipe.reward_lambda != 1.0 and recipe.reward_credit == "rtg":
-        k = cfg.token_values(batch)  # (M, T): discounted reward-to-go, GAE with a zero critic
-        c = torch.zeros_like(k)
-        acc = torch.zeros_like(k[:, 0])
-        for t in range(k.shape[-1] - 1, -1, -1):
-            acc = k[:, t] + recipe.reward_lambda * acc
-            c[:, t] = acc
-    return c.reshape(shape), big_k.reshape(shape[:-1])
-
-
-def kl_loss_values(recipe: Recipe, logp: Tensor, logp_ref: Tensor) -> Tensor:
-    """(..., T) per-token k(logp, logp_ref) of the loss estimator, differentiable through logp."""
+def token_values(
+    est: Estimator, logp: Tensor, logp_ref: Tensor, mask: Tensor | None = None, full=None
+) -> Tensor:
+    """(..., T) per-token k(logp_t, logp_ref_t) (or, for full-logit estimators, of the (..., T, V) distributions in
+    ``full``), 0 on padding; differentiable through logp (or the full log-probs)."""
     shape = logp.shape
-    cfg = KLConfig(recipe.loss_estimator, "loss", "token")
-    return cfg.token_values(_token_batch(logp.reshape(-1, shape[-1]), logp_ref.reshape(-1, shape[-1]))).reshape(shape)
+    if est.needs_full_logits:
+        if full is None or full[0] is None:
+            raise RecipeError(f"estimator {est.name!r} needs the full next-token log-probabilities")
+        lp_full, lr_full = full
+        V = lp_full.shape[-1]
+        k = est(lp_full.reshape(-1, shape[-1], V), lr_full.reshape(-1, shape[-1], V)).reshape(shape)
+    else:
+        k = est(logp.reshape(-1, shape[-1]), logp_ref.reshape(-1, shape[-1])).reshape(shape)
+    k = k.to(logp.dtype)
+    return k if mask is None else k * mask
+
+
+def sequence_values(est: Estimator, logp: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:
+    """(...,) K = k(sum_t logp_t, sum_t logp_ref_t) over the response tokens (sequence level)."""
+    lp, lr = (logp * mask).sum(-1), (logp_ref * mask).sum(-1)  # (...,)
+    return est(lp.reshape(-1), lr.reshape(-1)).reshape(lp.shape).to(logp.dtype)
+
+
+def kl_reward_credit(
+    recipe: Recipe, logp_at: Tensor, logp_ref: Tensor, mask: Tensor | None = None, full=None
+) -> tuple[Tensor, Tensor]:
+    """(c (..., T), K (...)): the credit multiplying each token's log-prob and the return, both detached.
+
+    token level: c_t = sum_{s>=t} lambda^(s-t) k_s (``rtg``; GAE with a zero critic) or K = sum_t k_t (``full``);
+    sequence level: c_t = K = k(sum_t logp_t, sum_t logp_ref_t) for every response token.
+    """
+    mask = torch.ones_like(logp_at) if mask is None else mask
+    est = recipe.reward_estimator
+    if recipe.level == "sequence":
+        big_k = sequence_values(est, logp_at, logp_ref, mask).detach()  # (...,)
+        return big_k.unsqueeze(-1) * mask, big_k
+    k = token_values(est, logp_at, logp_ref, mask, full).detach()  # (..., T)
+    big_k = k.sum(-1)
+    if recipe.reward_credit == "full":
+        return big_k.unsqueeze(-1) * mask, big_k
+    if recipe.reward_lambda == 1.0:
+        return k.flip(-1).cumsum(-1).flip(-1), big_k  # sum_{s>=t} k_s
+    c = torch.zeros_like(k)
+    acc = torch.zeros_like(k[..., 0])
+    for t in range(k.shape[-1] - 1, -1, -1):
+        acc = k[..., t] + recipe.reward_lambda * acc
+        c[..., t] = acc
+    return c, big_k
+
+
+def kl_loss_values(recipe: Recipe, logp: Tensor, logp_ref: Tensor, mask: Tensor | None = None, full=None) -> Tensor:
+    """(..., T) per-token KL loss values of the loss estimator, differentiable: k_t at token level; at sequence
+    level K = k(sum_t logp_t, sum_t logp_ref_t) on the response's last token and 0 elsewhere."""
+    mask = torch.ones_like(logp) if mask is None else mask
+    if recipe.level == "sequence":
+        big_k = sequence_values(recipe.loss_estimator, logp, logp_ref, mask)  # (...,)
+        last = mask * (mask.flip(-1).cumsum(-1).flip(-1) == 1).to(mask.dtype)  # (..., T) 1 on the last token
+        return big_k.unsqueeze(-1) * last
+    return token_values(recipe.loss_estimator, logp, logp_ref, mask, full)
 
 
 def _group_baseline(scores: Tensor, recipe: Recipe) -> Tensor:
     """(..., B) advantages of outcome scores (..., B) under the recipe's baseline."""
     B = scores.shape[-1]
-    if recipe.baseline == "none" or B == 1:
-        return scores  # verl: a group of one has mean 0 and std 1
+    if recipe.baseline == "none":
+        return scores
+    if B == 1:  # verl's convention for a group of one: mean 0, std 1
+        return scores / (1 + recipe.grpo_eps) if recipe.baseline == "grpo" else scores
     mean = scores.mean(-1, keepdim=True)
     if recipe.baseline == "batch_mean":
         return scores - mean
@@ -222,15 +365,17 @@ def advantages(
     logp_ref: Tensor,
     mask: Tensor,
     task_reward: Tensor | None = None,
+    full: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """(..., B, T) detached per-token advantages (before whitening). Inputs (..., B, T) masked log-probs;
-    ``task_reward`` (..., B) or None (0)."""
+    ``task_reward`` (..., B) or None (0); ``full`` the current full log-probs for full-logit estimators."""
     mask = mask.to(logp_old.dtype)
     R = torch.zeros(logp_old.shape[:-1], dtype=logp_old.dtype) if task_reward is None else task_reward  # (..., B)
     if recipe.has_reward_kl:
         at = logp_old if recipe.reward_kl_at == "behaviour" else logp_cur.detach()
-        c, big_k = kl_reward_credit(recipe, at.detach(), logp_ref)  # (..., B, T), (..., B)
-        c, big_k = recipe.reward_coef * c.detach(), recipe.reward_coef * big_k.detach()
+        full_det = None if full is None else (full[0].detach(), full[1])
+        c, big_k = kl_reward_credit(recipe, at.detach(), logp_ref, mask, full_det)  # (..., B, T), (..., B)
+        c, big_k = recipe.reward_coef * c, recipe.reward_coef * big_k
     else:
         c = torch.zeros_like(logp_old)
         big_k = torch.zeros_like(R)
@@ -268,9 +413,11 @@ def pg_token_loss(recipe: Recipe, adv: Tensor, logp: Tensor, logp_old: Tensor, m
     return loss
 
 
-def kl_token_loss(recipe: Recipe, logp: Tensor, logp_old: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:
+def kl_token_loss(
+    recipe: Recipe, logp: Tensor, logp_old: Tensor, logp_ref: Tensor, mask: Tensor, full=None
+) -> Tensor:
     """(..., B, T) per-token KL loss k_t times the recipe's weight."""
-    k = kl_loss_values(recipe, logp, logp_ref)  # (..., B, T)
+    k = kl_loss_values(recipe, logp, logp_ref, mask, full)  # (..., B, T)
     if recipe.loss_weight == "none":
         return k
     if recipe.loss_weight == "score":
@@ -294,12 +441,14 @@ def batch_loss(
     mask: Tensor,
     task_reward: Tensor | None = None,
     whiten_stats: tuple[float, float] | None = None,
+    full: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """(...) the recipe's scalar loss for each stacked batch; inputs (..., B, T), log-probs already 0 on padding.
 
     ``logp`` is differentiable (the current policy), ``logp_old`` the behaviour policy's (detached; equal to
     ``logp`` in value on-policy), ``logp_ref`` the reference's. ``whiten_stats`` = (mean, std) of the population
-    advantages, required when ``recipe.whiten``.
+    advantages, required when ``recipe.whiten``. ``full`` = (logp_full, logp_ref_full), (..., B, T, V) each, for
+    estimators that read whole next-token distributions (the first differentiable).
     """
     from .aggregation import aggregate
 
@@ -310,7 +459,7 @@ def batch_loss(
         )
     logp_old = logp_old.detach()
     total = torch.zeros(logp.shape[:-2], dtype=logp.dtype)
-    adv = advantages(recipe, logp_old, logp, logp_ref, mask, task_reward)
+    adv = advantages(recipe, logp_old, logp, logp_ref, mask, task_reward, full)
     if recipe.whiten and (recipe.has_reward_kl or task_reward is not None):
         if whiten_stats is None:
             raise RecipeError("a whitened recipe needs whiten_stats=(mean, std) of the population advantages")
@@ -321,13 +470,14 @@ def batch_loss(
     if bool((adv != 0).any()):
         total = total + aggregate(pg_token_loss(recipe, adv, logp, logp_old, mask), mask, recipe.pg_agg, recipe.horizon)
     if recipe.has_loss_kl:
-        kl = kl_token_loss(recipe, logp, logp_old, logp_ref, mask)
+        kl = kl_token_loss(recipe, logp, logp_old, logp_ref, mask, full)
         total = total + recipe.loss_coef * aggregate(kl, mask, recipe.loss_agg, recipe.horizon)
     return total
 
 
 __all__ = [
     "BASELINES",
+    "LEVELS",
     "LOSS_WEIGHTS",
     "PG_RATIOS",
     "Recipe",
@@ -338,4 +488,6 @@ __all__ = [
     "kl_reward_credit",
     "kl_token_loss",
     "pg_token_loss",
+    "sequence_values",
+    "token_values",
 ]

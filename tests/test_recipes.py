@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from biaslab.aggregation import AggregationError, aggregate, nominal_token_weight
-from biaslab.exact import ExactEngine
+from biaslab.exact import ExactEngine, count_complete, enumerate_complete
 from biaslab.exact_recipes import RecipeEngine
 from biaslab.placements import make_config
 from biaslab.recipes import Recipe, RecipeError, batch_loss
 from biaslab.toy import make_pair
-from biaslab.varlen import count_complete, enumerate_complete, masked_token_logp, sample_complete
+from biaslab.varlen import masked_token_logp, sample_complete
 
 TOL = 1e-9
 
@@ -312,21 +312,36 @@ def test_bad_recipes_and_engines_are_refused(models):
 FAILURE_RATE = 1e-3  # Bonferroni over coordinates: each consistency check fails by chance with probability <= 1e-3
 
 
+def consistent(moments, reference, failure_rate=FAILURE_RATE):
+    """Every coordinate of the Monte Carlo mean within its Bonferroni-corrected normal interval of ``reference``."""
+    from statistics import NormalDist
+
+    se = (moments.var / moments.n).sqrt()
+    keep = se > 0
+    z = (moments.mean - reference)[keep] / se[keep]
+    return bool(z.abs().max() <= NormalDist().inv_cdf(1 - failure_rate / (2 * z.numel())))
+
+
 def test_group_monte_carlo_agrees_with_enumeration_and_detects_the_batch_mean_bias():
+    from biaslab.montecarlo import MonteCarloEngine
+
     policy, ref = make_pair("tabular", 3, 3, seed=3, kl_scale=1.0)
-    eng = RecipeEngine(policy, ref, eos=2, group_size=2)
     rloo = Recipe(reward_estimator="k1", reward_coef=1.0, baseline="rloo")
     mean = Recipe(reward_estimator="k1", reward_coef=1.0, baseline="batch_mean")
-    # G = 2: the Monte Carlo mean is consistent with the exact expectation
-    mc = eng.monte_carlo(mean, 8000, torch.Generator().manual_seed(0))
-    assert mc.consistent_with(eng.evaluate(mean).expected_grad, FAILURE_RATE)
-    # G = 5 (15**5 groups, not enumerated): RLOO is consistent with grad KL; the batch mean is not, and is
+    # B = 2: the Monte Carlo mean is consistent with the exact expectation
+    exact = RecipeEngine(policy, ref, eos=2, group_size=2).evaluate(mean).expected_grad
+    mc = MonteCarloEngine(policy, ref, eos=2, group_size=2).moments(mean, 8000, torch.Generator().manual_seed(0))
+    assert consistent(mc, exact)
+    # B = 5 (15**5 groups, not enumerated): RLOO is consistent with grad KL; the batch mean is not, and is
     # consistent with the exact (1 - 1/5) scaling instead: the bias lies outside the confidence interval
-    mc_rloo = eng.monte_carlo(rloo, 8000, torch.Generator().manual_seed(1), group_size=5)
-    assert mc_rloo.consistent_with(None, FAILURE_RATE)
-    mc_mean = eng.monte_carlo(mean, 8000, torch.Generator().manual_seed(2), group_size=5)
-    assert not mc_mean.consistent_with(None, FAILURE_RATE)
-    assert mc_mean.consistent_with((1 - 1 / 5) * mc_mean.target, FAILURE_RATE)
+    truth = RecipeEngine(policy, ref, eos=2).truths()["reverse_kl"]
+    five = MonteCarloEngine(policy, ref, eos=2, group_size=5)
+    nominal = rloo.nominal_scale(5, 3)
+    mc_rloo = five.moments(rloo, 8000, torch.Generator().manual_seed(1))
+    assert consistent(mc_rloo, nominal * truth)
+    mc_mean = five.moments(mean, 8000, torch.Generator().manual_seed(2))
+    assert not consistent(mc_mean, nominal * truth)
+    assert consistent(mc_mean, (1 - 1 / 5) * nominal * truth)
 
 
 # ---------------------------------------------------------------- the policy k updates ago

@@ -1,0 +1,177 @@
+"""The named gradient directions, the one tolerance policy and the one verdict rule.
+
+Every exact verdict biaslab prints (table, check, audit, figures, train, notebooks) comes from ``exact_verdict``;
+every Monte Carlo verdict from ``mc_verdict``. The objective is the sequence-level reverse KL(pi_theta || pi_ref);
+a configuration's expected update E[g] is compared with ``nominal * grad KL(pi || pi_ref)``, where ``nominal`` is
+the scale an unbiased configuration must have (beta, batch size, aggregation constant; 1 for ``make_config``).
+
+Exact verdicts (all relative, so invariant under beta and under the scale of the gradient):
+
+* ``undefined``: the true gradient is itself zero to round-off (policy == reference): no ratio is meaningful.
+* ``unbiased``:  ||E g - c grad KL|| <= tol * ||c grad KL||.
+* ``rescaled``:  E g = s grad KL with s > 0, s != c (reported as the factor s / c: another effective beta).
+* ``zero``:      ||E g|| <= tol * ||c grad KL|| (nothing in expectation: pure noise).
+* ``biased``:    anything else; reported with the named direction E g follows (up to a positive scale), or the
+  nearest one by cosine.
+
+``tol`` is set by the dtype the user's code computes in (``tolerance``): sqrt(machine epsilon), so float32
+round-off (~1e-7) is not called bias while any bias above ~3e-4 relative is. Round-off of the enumerated sums
+adds ``ROUNDOFF * eps * rms(g)``, a floor proportional to the update's own size (never an absolute one).
+
+Monte Carlo verdicts never say "unbiased": a test that does not reject says ``no bias detected`` together with the
+smallest relative bias it could have detected at power 0.9.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+#: Named directions, in the order a match is reported (``zero`` and ``expected_value`` are handled specially).
+DIRECTIONS = {
+    "reverse_kl": "grad KL(pi || pi_ref), sequence level (the objective)",
+    "forward_kl": "grad KL(pi_ref || pi), sequence level",
+    "forward_kl_token": "sum_t E_prefix grad KL(pi_ref(.|prefix) || pi(.|prefix)), prefix law held fixed",
+    "reverse_kl_token": "sum_t E_prefix grad KL(pi(.|prefix) || pi_ref(.|prefix)), prefix law held fixed",
+    "expected_value": "grad E_pi[K]: the derivative of the estimator's own expected value",
+    "zero": "0: the gradient vanishes in expectation",
+}
+
+EXACT_VERDICTS = ("unbiased", "rescaled", "zero", "biased", "undefined", "no_kl")
+MC_VERDICTS = ("biased", "no bias detected", "undefined")
+
+#: multiples of eps * rms(g) allowed for the round-off of enumerated sums
+ROUNDOFF = 64.0
+#: the true gradient is "zero" (verdict undefined) when ||grad KL|| <= UNDEFINED * eps64 * rms(score) / tol64
+UNDEFINED = 10.0
+
+
+def tolerance(dtype: torch.dtype = torch.float64) -> float:
+    """Relative tolerance for code computing in ``dtype``: sqrt(eps) (float64 1.5e-8, float32 3.5e-4,
+    float16 3.1e-2, bfloat16 8.8e-2)."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def eps(dtype: torch.dtype = torch.float64) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def true_gradient_is_zero(grad_norm: float, score_rms: float) -> bool:
+    """True when ||grad KL(pi||pi_ref)|| is round-off relative to the size of the score, sqrt(E||grad log pi||^2):
+    no relative bias can be resolved at the float64 tolerance (policy == reference)."""
+    return grad_norm <= UNDEFINED * eps(torch.float64) / tolerance(torch.float64) * score_rms
+
+
+@dataclass
+class Verdict:
+    """The outcome of the verdict rule for one expected update."""
+
+    verdict: str  # one of EXACT_VERDICTS
+    rel_bias: float  # ||E g - c grad KL|| / ||c grad KL|| (nan when undefined / no KL)
+    scale: float  # <E g, grad KL> / (c ||grad KL||^2): 1 when the magnitude along grad KL is right
+    factor: float  # the rescaling factor s / c when verdict == "rescaled" (else nan)
+    matches: dict[str, float] = field(default_factory=dict)  # direction -> scale relative to c, exact matches
+    nearest: str = "none"  # the named direction with the largest cosine
+    nearest_cos: float = math.nan
+    cos_reverse: float = math.nan
+    cos_forward: float = math.nan
+    tolerance: float = math.nan
+    dtype: str = "float64"
+
+    @property
+    def direction(self) -> str:
+        """The first matched named direction, or "none" (what table rows print as ``matches``)."""
+        if self.verdict == "zero":
+            return "zero"
+        return next(iter(self.matches), "none")
+
+    def describe(self) -> str:
+        """One phrase: 'unbiased', 'rescaled x0.5', 'biased, follows forward_kl_token', ..."""
+        if self.verdict == "rescaled":
+            return f"rescaled x{self.factor:.4g}"
+        if self.verdict == "biased":
+            if self.matches:
+                name, s = next(iter(self.matches.items()))
+                return f"biased, follows {name}" + ("" if abs(s - 1) <= 1e-6 else f" (x{s:.4g})")
+            return f"biased, nearest {self.nearest} (cos {self.nearest_cos:.4f})"
+        return self.verdict
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0:
+        return math.nan
+    return float(a @ b) / (na * nb)
+
+
+def exact_verdict(
+    mean: Tensor,
+    directions: dict[str, Tensor],
+    nominal: float,
+    rms: float,
+    undefined: bool,
+    dtype: torch.dtype = torch.float64,
+) -> Verdict:
+    """Apply the verdict rule (module docstring) to an exact expected update.
+
+    Args:
+        mean: (P,) E[g].
+        directions: name -> (P,) named gradient directions; must hold ``reverse_kl`` and ``forward_kl`` and may
+            hold ``forward_kl_token``, ``reverse_kl_token``, ``expected_value`` (order = report order).
+        nominal: c, the scale of an unbiased update (0: the configuration has no KL term: verdict ``no_kl``).
+        rms: sqrt(E||g||^2), the size of one update: the round-off floor is relative to it.
+        undefined: the true gradient is zero (see ``true_gradient_is_zero``).
+        dtype: the lowest precision the configuration's code computes in.
+    """
+    tol, e = tolerance(dtype), eps(dtype)
+    floor = ROUNDOFF * e * rms
+    rev = directions["reverse_kl"]
+    out = Verdict("biased", math.nan, math.nan, math.nan, tolerance=tol, dtype=str(dtype).replace("torch.", ""))
+    if undefined:
+        out.verdict = "undefined"
+        return out
+    if nominal == 0:
+        out.verdict = "no_kl"
+        return out
+    target = nominal * rev
+    tnorm, gnorm = float(target.norm()), float(mean.norm())
+    out.rel_bias = float((mean - target).norm()) / tnorm
+    rev_sq = float(rev @ rev)
+    out.scale = float(mean @ rev) / (nominal * rev_sq)
+    if float((mean - target).norm()) <= tol * tnorm + floor:
+        out.verdict = "unbiased"
+    elif gnorm <= tol * tnorm + floor:
+        out.verdict = "zero"
+        return out  # round-off has no direction
+    out.cos_reverse = _cos(mean, rev)
+    out.cos_forward = _cos(mean, directions["forward_kl"])
+    best, best_cos = "none", -2.0
+    for name, d in directions.items():
+        dd = float(d @ d)
+        if name == "zero" or dd == 0:
+            continue
+        s = float(mean @ d) / dd
+        cos = float(mean @ d) / (gnorm * math.sqrt(dd))
+        if cos > best_cos:
+            best, best_cos = name, cos
+        if s > 0 and float((mean - s * d).norm()) <= tol * gnorm + floor:
+            out.matches[name] = s / nominal
+    out.nearest, out.nearest_cos = best, best_cos
+    if out.verdict == "biased" and "reverse_kl" in out.matches:
+        out.verdict = "rescaled"
+        out.factor = out.matches["reverse_kl"]
+    return out
+
+
+__all__ = [
+    "DIRECTIONS",
+    "EXACT_VERDICTS",
+    "MC_VERDICTS",
+    "Verdict",
+    "exact_verdict",
+    "tolerance",
+    "true_gradient_is_zero",
+]
