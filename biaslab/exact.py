@@ -212,7 +212,7 @@ class ExactResult:
             "label": cfg.label,
             "estimator": cfg.estimator.name if basic else None,
             "placement": cfg.placement.value if cfg.placement is not None else None,
-            "level": cfg.level,
+            "level": cfg.level.value,
             "credit": cfg.credit.value if cfg.credit is not None else None,
             "variance": self.variance,
             "rel_bias": self.rel_bias,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .exact import ExactEngine, _cos
+from .exact import ExactEngine
 from .placements import KLConfig, all_configs, make_config
 from .toy import make_pair
+from .verdict import _cos
 
 #: The configurations of the paper's Fig. 2 analog: (short plot label, estimator, placement, level, credit).
 FIG_CONFIGS: tuple[tuple[str, str, str, str, str | None], ...] = (

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
-from .exact import DIRECTIONS, ExactEngine, ExactResult
+from .exact import ExactEngine, ExactResult
 from .io import csv_text
+from .io import to_json as _json_text
 from .placements import all_configs
 from .toy import AutoregressiveModel
+from .verdict import DIRECTIONS
 
 FIELDS = [
     "estimator",
@@ -20,7 +20,23 @@ FIELDS = [
     "variance",
     "verdict",
     "matches",
+    "factor",
+    "nearest",
+    "nearest_cos",
+    "dtype",
 ]
+
+
+class Results(list):
+    """A list of ``ExactResult`` with ``to_frame()``: one row per configuration as a pandas DataFrame."""
+
+    def to_frame(self):
+        import pandas as pd
+
+        frame = pd.DataFrame(table_rows(self), columns=FIELDS)
+        for col in ("rel_bias", "cos_reverse", "cos_forward", "variance", "factor", "nearest_cos"):
+            frame[col] = frame[col].astype(float)
+        return frame
 
 
 def exact_table(
@@ -32,7 +48,7 @@ def exact_table(
     """Evaluate every estimator x placement x level x credit configuration exactly."""
     engine = ExactEngine(policy, ref)
     engine.truths()
-    return engine, engine.evaluate_all(all_configs(estimators), progress=progress)
+    return engine, Results(engine.evaluate_all(all_configs(estimators), progress=progress))
 
 
 def table_rows(results: list[ExactResult]) -> list[dict]:
@@ -54,6 +70,8 @@ def to_markdown(results: list[ExactResult], engine: ExactEngine, title: str = ""
         f"||grad KL|| = {float(tr.grad_reverse.norm()):.6g}.",
         "rel_bias = ||E[g] - grad KL(pi||pi_ref)|| / ||grad KL(pi||pi_ref)||; variance = E||g - E[g]||^2; "
         "cos_* = cosine of E[g] with the reverse / forward KL gradient.",
+        "" if not tr.undefined else "**The policy equals the reference: the true gradient is zero and every verdict "
+        "is undefined.**",
         "",
         "| estimator | placement | level | credit | rel. bias | cos reverse | cos forward | variance | verdict "
         "| E[g] equals |",
@@ -63,7 +81,7 @@ def to_markdown(results: list[ExactResult], engine: ExactEngine, title: str = ""
         d = r.as_dict(with_grad=False)
         lines.append(
             f"| {d['estimator']} | {d['placement']} | {d['level']} | {d['credit'] or '-'} | {_r(d['rel_bias'])} | "
-            f"{d['cos_reverse']:.4f} | {d['cos_forward']:.4f} | {_r(d['variance'], 4)} | {d['verdict']} | "
+            f"{_c(d['cos_reverse'])} | {_c(d['cos_forward'])} | {_r(d['variance'], 4)} | {r.info.describe()} | "
             f"{d['matches']} |"
         )
     lines += ["", "Directions:", ""]
@@ -72,8 +90,12 @@ def to_markdown(results: list[ExactResult], engine: ExactEngine, title: str = ""
 
 
 def _r(x: float, digits: int = 3) -> str:
-    """Round-off below 1e-12 prints as 0 (the engine is exact to ~1e-15)."""
-    return f"{round(x, 12) + 0.0:.{digits}g}"
+    """Round-off below 1e-12 prints as 0 (the engine is exact to ~1e-15); nan (undefined) as '-'."""
+    return "-" if x != x else f"{round(x, 12) + 0.0:.{digits}g}"
+
+
+def _c(x: float) -> str:
+    return "-" if x != x else f"{x:.4f}"
 
 
 def to_json(results: list[ExactResult], engine: ExactEngine, with_grad: bool = False, meta: dict | None = None) -> str:
@@ -88,5 +110,6 @@ def to_json(results: list[ExactResult], engine: ExactEngine, with_grad: bool = F
     if with_grad:
         obj["true_grad"] = tr.grad_reverse.tolist()
         obj["forward_grad"] = tr.grad_forward.tolist()
+    obj["undefined"] = tr.undefined
     obj["rows"] = [r.as_dict(with_grad=with_grad) for r in results]
-    return json.dumps(obj, indent=2)
+    return _json_text(obj)

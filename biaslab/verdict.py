@@ -145,7 +145,8 @@ def exact_verdict(
         out.verdict = "unbiased"
     elif gnorm <= tol * tnorm + floor:
         out.verdict = "zero"
-        return out  # round-off has no direction
+        out.matches = {"zero": 1.0}
+        return out  # round-off has no other direction
     out.cos_reverse = _cos(mean, rev)
     out.cos_forward = _cos(mean, directions["forward_kl"])
     best, best_cos = "none", -2.0
