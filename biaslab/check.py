@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,10 +55,15 @@ def load_function(spec: str) -> Callable:
         except Exception as exc:
             raise EstimatorError(f"{where}: importing it raised {type(exc).__name__}: {exc}") from exc
     else:
+        import sys
+
+        sys.path.insert(0, os.getcwd())  # `check mine:k3` finds mine.py in the current folder
         try:
             module = importlib.import_module(where)
         except Exception as exc:
             raise EstimatorError(f"cannot import module {where!r}: {exc}") from exc
+        finally:
+            sys.path.remove(os.getcwd())
     fn = getattr(module, name, None)
     if fn is None:
         raise EstimatorError(f"{where} defines no {name!r}")
@@ -295,7 +300,7 @@ def check_estimator(
     samples: int = 20_000,
     seed: int = 0,
     model_kind: str = "mixed",
-    kl_scale: float = 0.5,
+    kl_scale: float = 1.0,
     alpha: float = 0.01,
     name: str | None = None,
     progress: bool = False,
@@ -375,33 +380,43 @@ def _run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         kl_scale=args.kl_scale,
         name=args.function.rsplit(":", 1)[1],
+        progress=bool(args.progress),
     )
     if args.format == "json":
-        print(json.dumps(report.as_dict(), indent=2))
+        from .io import to_json
+
+        print(to_json(report.as_dict()))
+    elif args.format == "csv":
+        print(report.to_frame().to_csv(index=False, lineterminator="\n"), end="")
+    elif args.format == "md":
+        print(report.to_frame().to_markdown(index=False) if _has_tabulate() else report.format_text())
     else:
         print(report.format_text())
     return report.exit_code
 
 
+def _has_tabulate() -> bool:
+    return importlib.util.find_spec("tabulate") is not None
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from .cli import HelpFormatter, add_common_flags, positive_int
+
     p = sub.add_parser(
         "check",
         help="is your KL estimator, placed this way, unbiased for grad KL(pi||pi_ref)? (exit 1 when not)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0]
+        + " Exit status: 0 unbiased (exact) or no bias detected (mc), 1 biased / rescaled / zero, 2 bad input or"
+        " an undefined verdict (the toy's true gradient is zero).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("function", help="MODULE_OR_FILE:FUNCTION, FUNCTION(logp, logp_ref) -> per-token estimate")
     p.add_argument("--placement", choices=["reward", "loss", "both"], required=True)
     p.add_argument("--level", choices=["token", "sequence"], default="token")
     p.add_argument("--credit", choices=["full", "rtg"], default="rtg")
     p.add_argument("--mode", choices=list(MODES), default="exact")
-    p.add_argument("--vocab", type=int, default=3)
-    p.add_argument("--length", type=int, default=4)
-    p.add_argument("--models", type=int, default=3, help="number of random toy models (default 3)")
-    p.add_argument("--samples", type=int, default=20_000, help="mc samples per model (default 20000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", type=positive_int, default=3, help="number of random toy models")
+    p.add_argument("--samples", type=positive_int, default=20_000, help="mc samples per model")
     p.add_argument("--model", choices=list(MODEL_KINDS), default="mixed")
-    p.add_argument("--alpha", type=float, default=0.01, help="mc: family-wise false-alarm rate (default 0.01)")
-    p.add_argument("--kl-scale", type=float, default=0.5, help="policy = reference + C * noise (default 0.5)")
-    p.add_argument("--format", choices=["text", "json"], default="text")
+    add_common_flags(p, formats=("text", "json", "csv", "md"), seed=True, toy=True, kl_scale=True, alpha=True)
     p.set_defaults(func=_run)
-
