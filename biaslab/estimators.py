@@ -67,6 +67,11 @@ class Estimator:
                 f"estimator {self.name!r} returned shape {tuple(out.shape)} for inputs of shape "
                 f"{tuple(logp.shape)}; expected one value per token, shape {tuple(expected)}"
             )
+        if out.is_complex() or not out.is_floating_point():
+            raise EstimatorError(
+                f"estimator {self.name!r} returned dtype {str(out.dtype).removeprefix('torch.')}; expected real "
+                f"floating-point values (the dtype of its inputs, {str(logp.dtype).removeprefix('torch.')})"
+            )
         if not torch.isfinite(out).all():
             bad = (~torch.isfinite(out)).sum().item()
             raise EstimatorError(f"estimator {self.name!r} returned {bad} non-finite value(s) (NaN or inf)")
@@ -205,5 +210,3 @@ register_estimator("k3_st_k2", straight_through("k3_clamped", "k2"))
 register_estimator("k3_lowclamp", clamped("k3", input_clamp=(-10.0, None), output_clamp=10.0))
 register_estimator("k1_st_k2", straight_through("k1", "k2"))
 register_estimator("abs_st_k2", straight_through("abs", "k2"))
-
-BASIC_ESTIMATORS = ("k1", "k2", "k3", "abs")

@@ -249,6 +249,40 @@ def _fd_derivative(fn, x: Tensor, h: float) -> Tensor:
     return out
 
 
+def value_derivative(fn, x: Tensor, h: float, levels: int = 4, rtol: float = 1e-6) -> Tensor:
+    """(N, T) the derivative of the *value* F = fn(x) (N,), whatever autograd tricks fn uses inside.
+
+    Autograd where it agrees with a finite difference (smooth code with honest gradients: exact), otherwise
+    (straight-through / detach tricks) the finite difference, its step shrunk by 16 up to ``levels`` times until
+    two successive steps agree (so a kink such as |delta| near 0 is not straddled)."""
+    leaf = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        val = fn(leaf)
+    auto = torch.zeros_like(x)
+    if val.requires_grad:
+        (g,) = torch.autograd.grad(val.sum(), leaf, allow_unused=True)
+        auto = torch.zeros_like(x) if g is None else g.detach()
+
+    def close(a: Tensor, b: Tensor) -> Tensor:
+        return (a - b).abs() <= rtol * (a.abs() + b.abs()) + 1e-300
+
+    def value(z: Tensor) -> Tensor:
+        with torch.no_grad():
+            return fn(z)
+
+    fds = [_fd_derivative(value, x, h / 16**i) for i in range(levels)]
+    use_auto = torch.zeros_like(x, dtype=torch.bool)
+    for fd in fds:
+        use_auto |= close(auto, fd)
+    out = fds[-1].clone()
+    settled = torch.zeros_like(use_auto)
+    for a, b in zip(fds, fds[1:]):
+        pick = close(a, b) & ~settled
+        out[pick] = a[pick]
+        settled |= pick
+    return torch.where(use_auto, auto, out)
+
+
 class ExactEngine:
     """Enumerate every complete response (and group) and evaluate configurations exactly (module docstring).
 
@@ -473,8 +507,8 @@ class ExactEngine:
         configuration has no single estimator).
 
         d/dtheta sum_y pi(y) K_theta(y) = sum_y pi(y) [K(y) grad log pi(y) + dK/dlogp . grad logp]. dK/dlogp is the
-        derivative of K's *value* (a fourth-order finite difference, so detach / straight-through tricks inside the
-        estimator do not change it), or autograd for estimators reading whole distributions.
+        derivative of K's *value* (``value_derivative``: detach / straight-through tricks inside the estimator do
+        not change it), or autograd for estimators reading whole distributions.
         """
         est = config.estimator
         if est is None or (config.has_reward_kl and config.has_loss_kl and config.reward_estimator != est):
@@ -495,13 +529,9 @@ class ExactEngine:
             wc = w[:, None, None] * d_full
         else:
             h = float(torch.finfo(config_dtype(config)).eps) ** 0.2
-
-            def value(lp: Tensor) -> Tensor:
-                with torch.no_grad():
-                    return view.kl_estimate(lp * m, lr, m)  # (N,)
-
-            big_k = value(self.logp)
-            d_tok = _fd_derivative(value, self.logp, h) * m
+            with torch.no_grad():
+                big_k = view.kl_estimate(self.logp, lr, m)  # (N,)
+            d_tok = value_derivative(lambda lp: view.kl_estimate(lp * m, lr, m), self.logp, h) * m
             wc = None
         g = self.weighted_grad(w[:, None] * (big_k[:, None] * m + d_tok), wc)
         self._value_grads[key] = g
