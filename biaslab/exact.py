@@ -379,6 +379,8 @@ class ExactEngine:
         self._truths: Truths | None = None
         self._level_probs: list[Tensor] | None = None
         self._jac: Tensor | None = None
+        self._gram: Tensor | bool | None = None
+        self._max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self._value_grads: dict = {}
 
     @property
@@ -421,9 +423,26 @@ class ExactEngine:
         models, torch.func otherwise."""
         if self.policy.closed_form_grads:
             return self.policy.per_sample_sq_norms(self.tokens, coef.tok, coef.full)
+        dense = coef.dense(self.tokens, self.V).reshape(self.N, -1)  # (N, T*V)
+        gram = self.gram()
+        if gram is not None:  # one Jacobian pass per enumeration, then a quadratic form per configuration
+            return torch.einsum("ni,nij,nj->n", dense, gram, dense)
         from .persample import per_sample_sq_norms
 
-        return per_sample_sq_norms(self.policy, self.tokens, coef.dense(self.tokens, self.V))
+        return per_sample_sq_norms(self.policy, self.tokens, dense.view(self.N, self.T, self.V))
+
+    def gram(self) -> Tensor | None:
+        """(N, T*V, T*V) per-response Gram matrices of grad log pi(v|y_<t) (models without a closed form), built
+        once and shared by every configuration; None when they would not fit in the memory budget."""
+        if self._gram is None and not self.policy.closed_form_grads:
+            need = self.N * (self.T * self.V) ** 2 * 8
+            if need <= self._max_bytes // 2:
+                from .persample import per_sample_gram
+
+                self._gram = per_sample_gram(self.policy, self.tokens)
+            else:
+                self._gram = False
+        return self._gram if self._gram is not False else None
 
     def jacobian(self) -> Tensor:
         """(N, T, P) grad_theta log pi(y_t | y_<t) for every response token (0 on padding), by torch.func."""
