@@ -1,18 +1,131 @@
-"""Atomic output files and the ``--logits`` .npz contract for user-supplied tabular models."""
+"""Atomic output files, valid JSON, deterministic CSV and the ``--logits`` .npz contract for user-supplied
+tabular models.
+
+* ``jsonable(obj)`` / ``to_json(obj)``: strict JSON (non-finite floats become ``null``; numpy and torch values,
+  paths, enums and dataclasses become plain JSON types). Strings are never rewritten.
+* ``atomic_write_*``: a file is replaced whole or not at all; ``atomic_write_many`` replaces a set of files together
+  (each written to a temporary name in its folder first; Ctrl-C is held back while they are renamed).
+* ``csv_text`` / ``csv_frame``: CSV from a pandas DataFrame with floats printed to fixed rounding, so regenerated
+  files are byte-identical.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
+import enum
 import json
+import math
 import os
+import signal
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .toy import ModelError, TabularAR
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+
+def jsonable(obj: object) -> object:
+    """``obj`` as plain JSON types: float NaN/inf become None (recursively, also inside numpy/torch arrays), numpy
+    and torch scalars and arrays become numbers and lists, paths become strings, enums their values, dataclasses
+    dicts, tuples and sets lists. Strings pass through unchanged."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, str) else k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [jsonable(v) for v in items]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, enum.Enum):
+        return jsonable(obj.value)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays and scalars, torch tensors
+        return jsonable(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):
+        return jsonable(obj.item())
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def to_json(obj: object, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (see ``jsonable``): never a bare NaN or Infinity, user strings untouched."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask  # mkstemp creates 0600; give the file the mode a plain open() would
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """Write ``data`` to a new temporary file next to ``path``; return its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, _file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) inside the block and raise KeyboardInterrupt after it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[object] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # signals unavailable here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def atomic_write_many(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
+    """Replace every file of ``files`` (path -> bytes) as one set: all are written to temporary names in their
+    folders first, then renamed with Ctrl-C held back. A failure before the renames leaves every earlier file
+    untouched and no temporary file behind."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            temps.append((_write_temp(Path(path), data), Path(path)))
+        with interrupts_deferred():
+            for tmp, path in temps:
+                os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return [path for _, path in temps]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -20,23 +133,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
     A failure leaves any earlier file at ``path`` untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_many({path: data})[0]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -44,24 +141,58 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return atomic_write_text(path, to_json(obj) + "\n")
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a folder that output can be written to, checked before any work is done.
+
+    Raises ``OSError`` with a one-line reason when ``path`` is a file, lies under a file, or its folder (or the
+    nearest existing parent, where it would be created) is not writable. Nothing is created.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {path}: is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder")
+    where = "" if probe == path else f" (it would be created in {probe})"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {path}: folder is not writable{where}")
+    try:  # os.access can say yes on read-only file systems and to root: try it
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".biaslab-probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise PermissionError(f"--out {path}: cannot write there{where}: {exc.strerror or exc}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+
+def csv_frame(rows: Iterable[Mapping[str, object]], fields: list[str]):
+    """A pandas DataFrame of ``rows`` restricted to ``fields``, cells formatted for a deterministic CSV."""
+    import pandas as pd
+
+    return pd.DataFrame([{k: _fmt(r.get(k)) for k in fields} for r in rows], columns=fields, dtype=object)
 
 
 def csv_text(rows: Iterable[Mapping[str, object]], fields: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(r.get(k)) for k in fields})
-    return buf.getvalue()
+    """CSV text (header + one line per row, "\\n" line ends) of ``rows``, written by ``DataFrame.to_csv``."""
+    return csv_frame(rows, fields).to_csv(index=False, lineterminator="\n")
 
 
 def _fmt(v: object) -> object:
     """Floats to 10 significant digits after rounding to 12 decimals, so round-off (~1e-16) prints as 0 and
     regenerated files are byte-identical across runs."""
     if isinstance(v, float):
-        return f"{round(v, 12) + 0.0:.10g}"
-    if isinstance(v, list):
+        return f"{round(v, 12) + 0.0:.10g}" if math.isfinite(v) else str(v)
+    if isinstance(v, (list, tuple)):
         return ";".join(str(x) for x in v)
     return v
 
@@ -74,10 +205,17 @@ def load_logits_npz(path: str | os.PathLike) -> tuple[TabularAR, TabularAR]:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder; expected an .npz file")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ModelError(f"{path}: not a readable .npz file ({exc})") from exc
+        raise ModelError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ModelError(
+            f"{path}: holds a single array (a .npy file); expected an .npz archive of arrays policy_0 .. "
+            "policy_{T-1} and ref_0 .. ref_{T-1}, as written by numpy.savez"
+        )
     keys = set(data.files)
     T = 0
     while f"policy_{T}" in keys:
@@ -94,8 +232,14 @@ def load_logits_npz(path: str | os.PathLike) -> tuple[TabularAR, TabularAR]:
     extra = keys - {f"policy_{t}" for t in range(T)} - {f"ref_{t}" for t in range(T)}
     if extra:
         raise ModelError(f"{path}: unexpected arrays {sorted(extra)}")
-    pol = [np.asarray(data[f"policy_{t}"], dtype=np.float64) for t in range(T)]
-    ref = [np.asarray(data[f"ref_{t}"], dtype=np.float64) for t in range(T)]
+    arrays = {}
+    for name in sorted(keys):
+        try:
+            arrays[name] = np.asarray(data[name], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: array {name} is not numeric ({exc})") from None
+    pol = [arrays[f"policy_{t}"] for t in range(T)]
+    ref = [arrays[f"ref_{t}"] for t in range(T)]
     if pol[0].ndim != 2 or ref[0].ndim != 2:
         raise ModelError(f"{path}: level 0 must have shape (1, V)")
     if pol[0].shape[-1] != ref[0].shape[-1]:

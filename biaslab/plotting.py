@@ -80,11 +80,16 @@ def legend_below(fig, ax, ncol: int = 4) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
 
 
-def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Render ``fig`` to PNG bytes without timestamps/versions in the metadata and write them atomically."""
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """``fig`` rendered to PNG bytes without timestamps or versions in the metadata (identical from run to run)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Render ``fig`` with ``png_bytes`` and write it atomically."""
+    return atomic_write_bytes(path, png_bytes(fig, dpi))
 
 
 def nice_log_limits(values: Sequence[float]) -> tuple[float, float]:
@@ -222,3 +227,56 @@ def _wrap(line: str, width: int) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(line, width, subsequent_indent="   "))
+
+
+DIRECTION_LABELS = {
+    "reverse_kl": "reverse KL\n(the objective)",
+    "forward_kl": "forward KL",
+    "forward_kl_token": "forward KL\ntoken level",
+    "reverse_kl_token": "reverse KL\ntoken level",
+    "expected_value": "grad E[K]\n(its own value)",
+}
+
+
+def plot_direction_matrix(ax, rows: Sequence[dict], columns: Sequence[str], row_labels: bool = True) -> None:
+    """Configurations (rows) x named directions (columns): the cosine of each configuration's E[g] with each
+    direction, printed in its cell and coloured from -1 (blue) to +1 (red). A gold box marks a direction that E[g]
+    equals exactly (the ``matches`` field, ';'-separated); a configuration whose E[g] is exactly zero is greyed out
+    and says so. ``rows`` as in ``biaslab.figures.DIRECTION_FIELDS`` (fields ``config``, ``matches``,
+    ``cos_<direction>``)."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    values = np.array([[float(r[f"cos_{c}"]) for c in columns] for r in rows], dtype=float)  # (configs, dirs)
+    shown = np.ma.masked_invalid(values)
+    cmap = _cmap("RdBu_r").with_extremes(bad="0.85")
+    ax.imshow(shown, cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+    for i, r in enumerate(rows):
+        matched = set(str(r.get("matches") or "").split(";"))
+        if "zero" in matched or not np.isfinite(values[i]).any():
+            ax.text((len(columns) - 1) / 2, i, "E[g] = 0 exactly: no direction", ha="center", va="center", fontsize=8)
+            continue
+        for j, c in enumerate(columns):
+            v = values[i, j]
+            exact = c in matched
+            if exact:
+                text = "= 1" if abs(v - 1) < 1e-9 else f"= ({v + 0.0:.3f})"
+            else:  # near 1, the distance to 1: a close but inexact direction never reads 1.000
+                text = f"1 - {1 - v:.0e}" if v > 0.9995 else f"{v + 0.0:.3f}"
+            color = "white" if abs(v) > 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color, weight="bold" if exact else None)
+            if exact:
+                ax.add_patch(Rectangle((j - 0.45, i - 0.42), 0.9, 0.84, fill=False, ec="gold", lw=3))
+    ax.set_xticks(range(len(columns)), [DIRECTION_LABELS.get(c, c) for c in columns], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(rows)), [r["config"] for r in rows] if row_labels else [""] * len(rows), fontsize=8)
+    ax.set_xticks(np.arange(-0.5, len(columns)), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(rows)), minor=True)
+    ax.grid(which="minor", color="white", lw=1.5)
+    ax.tick_params(which="minor", length=0)
+
+
+def _cmap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]

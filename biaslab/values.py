@@ -93,8 +93,7 @@ def gaussian_monte_carlo(
 def toy_kl(model: str, vocab_size: int, length: int, seed: int, kl_scale: float) -> float:
     """Exact sequence-level KL(pi || pi_ref) of ``make_pair(model, V, T, seed, kl_scale)``."""
     policy, ref = make_pair(model, vocab_size, length, seed=seed, kl_scale=kl_scale)
-    engine = ExactEngine(policy, ref)
-    return float((engine.weights * (engine.logp_seq.detach() - engine.logp_ref_seq)).sum())  # sum_y pi log pi/pi_ref
+    return float(ExactEngine(policy, ref).truths().kl_reverse)  # sum_y pi(y) log pi(y) / pi_ref(y)
 
 
 def kl_scale_for(model: str, vocab_size: int, length: int, seed: int, target_kl: float) -> float:

@@ -23,6 +23,13 @@ def test_table_json_rows_and_verdicts(capsys):
     assert rows[("k1", "loss", "token", None)]["verdict"] == "zero"
 
 
+def test_table_text_is_the_markdown(capsys):
+    assert main(["table", "--vocab", "2", "--length", "2", "--estimators", "k1", "--format", "text"]) == 0
+    text = capsys.readouterr().out
+    assert main(["table", "--vocab", "2", "--length", "2", "--estimators", "k1", "--format", "md"]) == 0
+    assert capsys.readouterr().out == text and text.startswith("# Exact KL-gradient table")
+
+
 def test_table_markdown_and_csv(capsys):
     assert main(["table", "--vocab", "2", "--length", "2", "--model", "neural", "--estimators", "k3"]) == 0
     md = capsys.readouterr().out
@@ -63,9 +70,10 @@ def test_errors_exit_2_with_a_clear_message(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
-def test_figures_quick_writes_table1(tmp_path):
-    assert main(["figures", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+def test_figures_quick_writes_table1(tmp_path, capsys):
+    assert main(["figures", "--quick", "--out", str(tmp_path), "--only", "table1", "--no-progress"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"table1{s}") for s in (".md", ".csv", ".json")]
     md = (tmp_path / "table1.md").read_text()
     assert "forward_kl" in md and (tmp_path / "table1.csv").exists()
     meta = json.loads((tmp_path / "table1.json").read_text())
-    assert meta["biaslab_version"] and meta["models"]
+    assert meta["biaslab_version"] and meta["models"] and meta["seed"] == [0]

@@ -10,7 +10,7 @@ from biaslab.io import atomic_write_text, load_logits_npz
 
 
 def test_enumeration_too_large_is_refused_before_allocating():
-    with pytest.raises(EnumerationTooLarge, match=r"50\*\*20.*GiB.*Monte Carlo"):
+    with pytest.raises(EnumerationTooLarge, match=r"(50\*\*20|V=50, T=20).*iB.*Monte Carlo"):
         check_enumerable(50, 20)
     policy, ref = make_pair("neural", 12, 9, seed=0)  # 12**9 = 5e9 sequences: small model, huge enumeration
     with pytest.raises(EnumerationTooLarge, match="would need about"):
@@ -78,11 +78,11 @@ def test_unknown_names():
 
 
 def test_user_estimator_errors_surface_through_the_engine():
-    from biaslab import Estimator, EstimatorError, KLConfig
+    from biaslab import Estimator, EstimatorError
 
     policy, ref = make_pair("tabular", 2, 2)
     engine = ExactEngine(policy, ref)
-    cfg = KLConfig(Estimator("bad", lambda lp, lr: (lp - lr).mean(-1)), "loss", "token")
+    cfg = make_config(Estimator("bad", lambda lp, lr: (lp - lr).mean(-1)), "loss", "token")
     with pytest.raises(EstimatorError, match="'bad' returned shape"):
         engine.evaluate(cfg)
 
@@ -124,3 +124,31 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_estimator_returning_complex_or_integer_values():
+    from biaslab import Estimator, EstimatorError
+
+    lp, lr = torch.zeros(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(EstimatorError, match="'c' returned dtype complex128; expected real floating-point"):
+        Estimator("c", lambda a, b: (a - b).to(torch.complex128))(lp, lr)
+    with pytest.raises(EstimatorError, match="'i' returned dtype int64"):
+        Estimator("i", lambda a, b: (a - b).long())(lp, lr)
+    assert Estimator("ok", lambda a, b: a - b)(lp, lr).dtype == torch.float64
+
+
+def test_npy_or_folder_instead_of_npz(tmp_path):
+    np.save(tmp_path / "levels.npy", np.zeros((1, 3)))
+    with pytest.raises(ModelError, match=r"single array \(a .npy file\); expected an .npz archive"):
+        load_logits_npz(tmp_path / "levels.npy")
+    with pytest.raises(ModelError, match="is a folder"):
+        load_logits_npz(tmp_path)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not a readable .npz file"):
+        load_logits_npz(tmp_path / "junk.npz")
+
+
+def test_npz_with_text_arrays(tmp_path):
+    np.savez(tmp_path / "s.npz", policy_0=np.array([["a", "b"]]), ref_0=np.array([["a", "b"]]))
+    with pytest.raises(ModelError, match="array policy_0 is not numeric"):
+        load_logits_npz(tmp_path / "s.npz")

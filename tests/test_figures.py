@@ -17,6 +17,7 @@ from biaslab import __version__
 from biaslab.figures import _FIGURES, make_figures
 
 FAILURE_RATE = 1e-3
+CORE = ("table1", "fig2_length", "fig2_kl", "mse", "directions", "values")
 STEMS_WITH_PNG = ("fig2_length", "fig2_kl", "mse", "directions")
 STEMS_WITH_MD = ("table1", "values")
 UNBIASED = ("k1 in reward", "k3 in reward+loss", "k2 in loss (seq)")
@@ -33,17 +34,22 @@ def out(tmp_path_factory):
     return path
 
 
+def no_bare_constants(name):
+    pytest.fail(f"a JSON file holds a bare {name}: not valid JSON")
+
+
 def rows(out, stem):
     with open(out / f"{stem}.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_every_figure_writes_its_files(out):
-    assert set(_FIGURES) == {"table1", "fig2_length", "fig2_kl", "mse", "directions", "values"}
-    for stem in _FIGURES:
+    assert set(CORE) <= set(_FIGURES)  # other modules (training) may register more
+    for stem in CORE:
         assert rows(out, stem), stem
-        meta = json.loads((out / f"{stem}.json").read_text())
-        assert meta["figure"] == stem and meta["biaslab_version"] == __version__
+        text = (out / f"{stem}.json").read_text()
+        meta = json.loads(text, parse_constant=no_bare_constants)
+        assert meta["figure"] == stem and meta["biaslab_version"] == __version__ and meta["seed"] is not None
     for stem in STEMS_WITH_PNG:
         assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert json.loads((out / f"{stem}.json").read_text())["quick"] is True
@@ -88,25 +94,52 @@ def test_fig2_kl_truths(out):
 
 
 def test_directions_truths(out):
-    rs = rows(out, "directions")
-    for r in rs:
-        if r["kind"] == "direction":
-            if r["config"] == "reverse_kl":
-                assert abs(float(r["cos_reverse"]) - 1) < 1e-9
-            if r["config"] == "forward_kl":
-                assert abs(float(r["cos_forward"]) - 1) < 1e-9
-            continue
-        if r["matches"] == "reverse_kl":
-            assert abs(float(r["cos_reverse"]) - 1) < 1e-9, r
-        if r["config"] == "k3 in loss (seq)":
-            assert abs(float(r["cos_forward"]) - 1) < 1e-9 and float(r["cos_reverse"]) < 1 - 1e-3, r
-        if r["config"].startswith("k1 in loss"):
-            assert r["verdict"] == "zero" and r["cos_reverse"] == "nan", r
-    assert {r["config"] for r in rs if r["matches"] == "reverse_kl"} >= {
-        "k1 in reward",
-        "k3 in both",
-        "k2 in loss (seq)",
-    }
+    rs = {(r["model"], r["config"]): r for r in rows(out, "directions")}
+    assert {m for m, _ in rs} == {"tabular", "neural"} and len(rs) == 2 * 18
+    for (_, config), r in rs.items():
+        matched = set(r["matches"].split(";")) - {""}
+        for d in ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token", "expected_value"):
+            cos = float(r[f"cos_{d}"])
+            if d in matched:
+                assert abs(cos - 1) < 1e-9, (r, d)  # a marked exact match has cosine 1
+            if r["verdict"] == "zero":
+                assert r[f"cos_{d}"] == "nan", r  # E[g] = 0 has no direction
+        if config.startswith("k1 in loss"):
+            assert r["verdict"] == "zero" and matched == {"zero"}, r
+        if r["verdict"] == "unbiased":
+            assert "reverse_kl" in matched
+        if config == "k3 in loss (seq)":
+            assert "forward_kl" in matched and float(r["cos_reverse_kl"]) < 1 - 1e-3, r
+        if config == "k3 in loss":
+            assert "forward_kl_token" in matched, r
+        if config == "k2 in loss":
+            assert "reverse_kl_token" in matched, r
+        if "reward+loss" in config:
+            assert "expected_value" in matched, r  # reward + loss differentiates E[K] in full
+    unbiased = {c for (_, c), r in rs.items() if "reverse_kl" in r["matches"].split(";")}
+    assert unbiased >= {"k1 in reward", "k3 in reward+loss", "k2 in loss (seq)"}
+
+
+def test_an_interrupted_run_leaves_each_figure_whole(out, tmp_path, monkeypatch):
+    """A figure's files are replaced as a set: Ctrl-C while they are being written leaves the earlier set."""
+    import biaslab.io
+
+    for name in ("table1.md", "table1.csv", "table1.json"):
+        (tmp_path / name).write_bytes(b"earlier run\n")
+    real = biaslab.io._write_temp
+    calls = []
+
+    def interrupted(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, data)
+
+    monkeypatch.setattr(biaslab.io, "_write_temp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make_figures(tmp_path, quick=True, progress=False, only=["table1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table1.csv", "table1.json", "table1.md"]
+    assert all(p.read_bytes() == b"earlier run\n" for p in tmp_path.iterdir())
 
 
 # Schulman, "Approximating KL divergence" (2020): (bias/true, stdev/true) for q = N(0,1), p = N(mu,1).
