@@ -261,7 +261,9 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
     tests = {name: bias_test(x, d, reference_samples=s, alpha=alpha, seed=seed) for name, (d, s) in refs.items()}
     main = tests["reverse_kl"]
     consistent = [name for name, t in tests.items() if not t.biased]
-    closest = max(tests, key=lambda name: (tests[name].p_value, -tests[name].statistic))
+    xbar = x.mean(0)
+    centres = {name: (d if d is not None else s.mean(0)) for name, (d, s) in refs.items()}
+    closest = min(centres, key=lambda name: float((xbar - centres[name]).norm()))  # Euclidean, point estimate
     return ModelCheck(
         label,
         "biased" if main.biased else "no bias detected",
@@ -339,7 +341,11 @@ def check_estimator(
         verdict = _combine_exact({c.verdict for c in checks})
     else:
         verdict = "biased" if any(c.verdict == "biased" for c in checks) else "no bias detected"
-    common = [d for d in list(DIRECTIONS) if all(d == c.matches for c in checks)]
+    if mode == "exact":
+        common = [d for d in list(DIRECTIONS) if all(d == c.matches for c in checks)]
+    else:  # not rejected on every model; the one the point estimates are closest to most often first
+        common = [d for d in list(DIRECTIONS) if all(d in c.consistent_with for c in checks)]
+        common.sort(key=lambda d: -sum(c.matches == d for c in checks))
     p = min(min(c.p_value for c in checks) * models, 1.0) if mode == "mc" else math.nan
     rel = [c.rel_bias for c in checks if not math.isnan(c.rel_bias)]
     return CheckReport(
