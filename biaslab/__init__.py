@@ -43,3 +43,5 @@ __all__ = [
     "make_pair",
     "__version__",
 ]
+
+from .frameworks.audit import audit_loss as audit_loss  # noqa: E402  (biaslab.audit_loss: audit any loss)

@@ -1,28 +1,44 @@
-"""Audit a framework configuration: exact verdicts on a default toy, and the nearest unbiased configuration.
+"""Audit a framework configuration or a trainer's own loss: exact verdicts on a default toy, and the nearest
+unbiased configuration.
 
-Everything is computed by ``biaslab.exact_recipes.RecipeEngine`` on a small tabular toy (never read from a
-table): the configuration's recipe is evaluated
+Everything is computed by the exact engine (``biaslab.exact.ExactEngine``) on a small tabular toy (never read from a
+table); the update rule (a preset's recipe, or ``biaslab.userloss.UserLoss``) is evaluated
 
 * on-policy with fixed-length responses (the main verdict: estimator, placement, baseline, clipping);
 * on-policy with variable lengths (an end-of-sequence token; adds the aggregation's length effects);
-* off-policy, with samples from a behaviour policy mu = pi + noise (a stale policy; importance weights,
-  clipping and the frameworks' choice of computing the in-reward KL from mu's log-probs).
+* off-policy, with samples from a behaviour policy mu = pi + noise, when the configuration's own settings make
+  later updates use stale samples (``Preset.updates_per_rollout`` > 1); with one update per rollout the row is the
+  on-policy one. A loss function is always evaluated off-policy too.
 
 The nearest unbiased configuration is found by breadth-first search over the preset's ``search_keys`` (one
-changed key, then two, then three), each candidate evaluated exactly on the fixed-length toy on-policy.
+changed key, then two, then three), each candidate (with its companion keys) evaluated exactly on the fixed-length
+toy on-policy; candidates that need no critic are preferred, and a suggestion that needs one says so.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..exact_recipes import RecipeEngine, RecipeResult
+import torch
+
+from ..exact import ExactResult
 from ..recipes import Recipe
 from ..toy import TabularAR
+from ..varlen import enumerate_complete
 from . import get_preset
 from .base import Preset, PresetError
+from .engine import RuleEngine
+
+REWARDS = ("zero", "binary")
+SCENARIOS = (
+    ("on_policy", "on-policy, fixed length"),
+    ("variable_length", "on-policy, variable length"),
+    ("off_policy", "off-policy"),
+)
 
 
 @dataclass(frozen=True)
@@ -54,22 +70,23 @@ class AuditToy:
         return self.vocab - 1
 
 
-def _direction(r: RecipeResult) -> str:
+def _direction(r: ExactResult) -> str:
     if r.verdict == "no_kl":
         return "-"
-    if r.matches:
-        name, s = next(iter(r.matches.items()))
+    if r.all_matches:
+        name, s = next(iter(r.all_matches.items()))
         return name if abs(s - 1) < 1e-6 else f"{name} (x{s:.4g})"
     if r.verdict == "zero":
         return "zero"
     return f"~{r.nearest} (cos {r.nearest_cos:.6f})"
 
 
-def _row(r: RecipeResult) -> dict:
+def _row(r: ExactResult) -> dict:
     return {
+        "recipe": r.recipe.describe(),
         "verdict": r.verdict,
         "direction": _direction(r),
-        "matches": r.matches,
+        "matches": dict(r.all_matches),
         "nearest": r.nearest,
         "nearest_cos": r.nearest_cos,
         "rel_bias": r.rel_bias,
@@ -82,29 +99,143 @@ def _row(r: RecipeResult) -> dict:
 class Engines:
     """The three engines of an audit (fixed / variable length on-policy, fixed length off-policy)."""
 
-    fixed: RecipeEngine
-    varlen: RecipeEngine
-    offpolicy: RecipeEngine
+    fixed: RuleEngine
+    varlen: RuleEngine
+    offpolicy: RuleEngine
     group: int
+    rewards: str = "zero"
 
 
-def build_engines(toy: AuditToy, group: int) -> Engines:
+def task_rewards(n: int, seed: int) -> torch.Tensor:
+    """(n,) seeded 0/1 task rewards, one per enumerated complete response."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return (torch.rand(n, generator=g, dtype=torch.float64) < 0.5).to(torch.float64)
+
+
+def build_engines(toy: AuditToy, group: int, rewards: str = "zero") -> Engines:
+    """Engines for the three scenarios; ``rewards="binary"`` gives every response a seeded 0/1 task reward."""
+    if rewards not in REWARDS:
+        raise PresetError(f"unknown rewards {rewards!r}; choose one of: {', '.join(REWARDS)}")
     policy, ref, behaviour = toy.models()
     g = max(1, min(group, toy.max_group))
+
+    def reward(eos: int | None):
+        if rewards == "zero":
+            return None
+        return task_rewards(enumerate_complete(toy.vocab, toy.length, eos)[0].shape[0], toy.seed)
+
     return Engines(
-        fixed=RecipeEngine(policy, ref, group_size=g),
-        varlen=RecipeEngine(policy, ref, eos=toy.eos, group_size=g),
-        offpolicy=RecipeEngine(policy, ref, behaviour=behaviour, group_size=g),
+        fixed=RuleEngine(policy, ref, group_size=g, task_reward=reward(None)),
+        varlen=RuleEngine(policy, ref, eos=toy.eos, group_size=g, task_reward=reward(toy.eos)),
+        offpolicy=RuleEngine(policy, ref, behaviour=behaviour, group_size=g, task_reward=reward(None)),
         group=g,
+        rewards=rewards,
     )
+
+
+def evaluate_scenarios(
+    rule, eng: Engines, toy: AuditToy, lag: int = 1, progress: bool | None = None, whole_beta: float | None = None
+) -> dict:
+    """{"verdict", "on_policy", "variable_length", "off_policy"} rows of one update rule.
+
+    ``lag`` is the number of updates a rollout feeds: 1 means every update is on-policy, and the off-policy
+    row is then the on-policy one (labelled so); above 1 the later updates use samples from a stale policy,
+    modelled by mu = pi + ``toy.behaviour_shift`` noise. ``whole_beta``: judge the whole update against
+    grad(E[R] - beta KL) (``evaluate_whole_update``) instead of its KL part.
+    """
+    jobs = [("on_policy", eng.fixed), ("variable_length", eng.varlen)]
+    if lag > 1:
+        jobs.append(("off_policy", eng.offpolicy))
+    out: dict = {}
+    bar = _progress(len(jobs), progress)
+    try:
+        for key, engine in jobs:
+            try:
+                res = engine.evaluate(rule) if whole_beta is None else evaluate_whole_update(rule, engine, whole_beta)
+                out[key] = _row(res)
+            except ValueError as exc:  # name the scenario (UserLossError is a ValueError)
+                label = dict(SCENARIOS)[key]
+                raise type(exc)(f"{label}: {exc}") from exc
+            bar.update(1)
+    finally:
+        bar.close()
+    if lag > 1:
+        out["off_policy"]["behaviour"] = f"mu = pi + {toy.behaviour_shift} noise"
+    else:
+        out["off_policy"] = {**out["on_policy"], "behaviour": "on-policy: one update per rollout"}
+    out["off_policy"]["updates_per_rollout"] = lag
+    out["verdict"] = out["on_policy"]["verdict"]
+    return out
+
+
+class _WholeUpdate:
+    """A rule seen without ``without_kl``: the engine then evaluates the whole update (task part included)."""
+
+    def __init__(self, rule) -> None:
+        self._rule = rule
+
+    def __getattr__(self, name: str):
+        if name == "without_kl":
+            raise AttributeError(name)
+        return getattr(self._rule, name)
+
+
+def evaluate_whole_update(rule, engine, beta: float):
+    """Exact verdict of the whole update against the regularised objective: E[g] = nominal * d with
+    d = grad KL(pi || pi_ref) - grad E_pi[R] / beta (the core verdict rule ``biaslab.verdict.exact_verdict`` with the
+    named directions shifted the same way: "reverse_kl" is then grad(beta KL - E[R]) / beta, etc.)."""
+    from ..exact import config_dtype
+    from ..verdict import exact_verdict
+
+    truths = engine.truths()
+    task = engine.task_grad() / beta  # (P,)
+    mean, second, wstd = engine.moments(_WholeUpdate(rule))
+    variance = max(second - float(mean @ mean), 0.0)
+    nominal = rule.nominal_scale(engine.B, engine.T, wstd)
+    directions = {k: v - task for k, v in truths.directions.items() if k != "zero"}
+    info = exact_verdict(mean, directions, nominal, math.sqrt(max(second, 0.0)), truths.undefined, config_dtype(rule))
+    return ExactResult(rule, mean.detach(), variance, nominal, info)
+
+
+class AuditReport(dict):
+    """One audit (a JSON-ready dict) with ``to_frame()``: one typed row per scenario."""
+
+    def to_frame(self):
+        return rows_frame(dict(self))
+
+
+class AuditTable(list):
+    """Several audits (``--defaults``) with ``to_frame()``: one typed row per framework and scenario."""
+
+    def to_frame(self):
+        return rows_frame(list(self))
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, progress: bool | None, unit: str = "scenario"):
+    """A tqdm bar on stderr once the work has run 3 s (``progress`` True), or none (False / None)."""
+    if not progress:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, desc="biaslab audit", unit=unit, delay=3.0, leave=False)
 
 
 @dataclass
 class Candidate:
     changes: dict[str, object]
     recipe: Recipe
-    fixed: RecipeResult
-    varlen: RecipeResult | None = None
+    fixed: ExactResult
+    varlen: ExactResult | None = None
 
 
 @dataclass
@@ -120,9 +251,9 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
     fixed-length toy; also the nearest that stays unbiased with variable lengths (within the depth/eval budget)."""
     policy, ref, _ = toy.models()
     g = max(1, min(group, toy.search_group))
-    fixed = RecipeEngine(policy, ref, group_size=g)
-    varlen = RecipeEngine(policy, ref, eos=toy.eos, group_size=g)
-    cache: dict[Recipe, tuple[RecipeResult, RecipeResult | None]] = {}
+    fixed = RuleEngine(policy, ref, group_size=g)
+    varlen = RuleEngine(policy, ref, eos=toy.eos, group_size=g)
+    cache: dict[Recipe, tuple[ExactResult, ExactResult | None]] = {}
     best: Candidate | None = None
     best_all: Candidate | None = None
     evaluated = 0
@@ -134,6 +265,7 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
             if len(set(keys)) < depth:
                 continue
             changes = dict(combo)
+            changes.update(preset.companions(changes, cfg))
             try:
                 cand_cfg = preset.config({**cfg, **changes})
                 recipe = preset.recipe(cand_cfg)
@@ -153,11 +285,15 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
                 vres = varlen.evaluate(recipe)
                 cache[recipe] = (res, vres)
             found_here.append(Candidate(changes, recipe, res, vres))
+
+        def critic(c: Candidate) -> bool:
+            return preset.needs_critic({**cfg, **c.changes})
+
         if found_here and best is None:
-            best = min(found_here, key=lambda c: (c.varlen.verdict != "unbiased", c.fixed.variance))
+            best = min(found_here, key=lambda c: (critic(c), c.varlen.verdict != "unbiased", c.fixed.variance))
         all_ok = [c for c in found_here if c.varlen is not None and c.varlen.verdict == "unbiased"]
         if all_ok and best_all is None:
-            best_all = min(all_ok, key=lambda c: c.fixed.variance)
+            best_all = min(all_ok, key=lambda c: (critic(c), c.fixed.variance))
         if best is not None and best_all is not None:
             break
         if evaluated >= toy.max_evals:
@@ -175,6 +311,32 @@ def _fmt_changes(changes: Mapping[str, object]) -> str:
     return " ".join(f"--set {k}={fmt_value(x)}" for k, x in changes.items())
 
 
+def _toy_json(toy: AuditToy, eng: Engines, requested: int) -> dict:
+    return {
+        "model": "tabular",
+        "vocab": toy.vocab,
+        "length": toy.length,
+        "eos": toy.eos,
+        "seed": toy.seed,
+        "kl_scale": toy.kl_scale,
+        "behaviour_shift": toy.behaviour_shift,
+        "group_size": eng.group,
+        "group_size_requested": requested,
+        "rewards": eng.rewards,
+    }
+
+
+def _suggestion(preset: Preset, cfg: Mapping[str, object], cand: Candidate) -> dict:
+    return {
+        "changes": cand.changes,
+        "set": _fmt_changes(cand.changes),
+        "recipe": cand.recipe.describe(),
+        "variance": cand.fixed.variance,
+        "variable_length_verdict": cand.varlen.verdict if cand.varlen else None,
+        "notes": preset.suggestion_notes(cand.changes, {**cfg, **cand.changes}),
+    }
+
+
 def audit(
     framework: str,
     settings: Mapping[str, object] | None = None,
@@ -182,90 +344,239 @@ def audit(
     enable_kl: bool = False,
     search: bool = True,
     engines: Engines | None = None,
+    lenient: bool = False,
+    progress: bool | None = False,
+    dtype: str | None = None,
 ) -> dict:
-    """Audit one configuration; returns a JSON-ready dict (see module docstring)."""
+    """Audit one configuration; returns a JSON-ready dict (see module docstring).
+
+    ``lenient=True`` (a whole config file): keys the preset does not read are listed under ``ignored`` instead
+    of refused; values it cannot model are still refused.
+    """
     toy = toy or AuditToy()
     preset = get_preset(framework)
-    cfg = preset.config(settings)
+    cfg, read, ignored = preset.read_config(settings, lenient=lenient)
     changed: dict[str, object] = {}
     if enable_kl and not preset.kl_enabled(cfg):
         cfg, changed = preset.enable_kl(cfg)
     recipe = preset.recipe(cfg)
     requested = preset.group_size(cfg)
     eng = engines or build_engines(toy, requested)
-    out: dict = {
-        "framework": preset.name,
-        "title": preset.title,
-        "version": preset.version,
-        "functions": preset.functions,
-        "settings": {k: v for k, v in (settings or {}).items()},
-        "kl_enabled_by_audit": {k: v for k, v in changed.items()},
-        "recipe": recipe.describe(),
-        "toy": {
-            "model": "tabular",
-            "vocab": toy.vocab,
-            "length": toy.length,
-            "eos": toy.eos,
-            "seed": toy.seed,
-            "kl_scale": toy.kl_scale,
-            "behaviour_shift": toy.behaviour_shift,
-            "group_size": eng.group,
-            "group_size_requested": requested,
-        },
-        "notes": preset.notes(cfg),
-    }
+    lag = preset.updates_per_rollout(cfg)
+    out = AuditReport(
+        {
+            "framework": preset.name,
+            "title": preset.title,
+            "version": preset.version,
+            "functions": preset.functions,
+            "sources": preset.sources,
+            "settings": {k: v for k, v in (settings or {}).items()} if not lenient else read,
+            "read": read,
+            "ignored": ignored,
+            "kl_enabled_by_audit": {k: v for k, v in changed.items()},
+            "recipe": recipe.describe(),
+            "toy": _toy_json(toy, eng, requested),
+            "updates_per_rollout": lag,
+            "notes": preset.notes(cfg),
+        }
+    )
     if eng.group != requested:
         out["notes"].append(f"exact enumeration uses groups of {eng.group} (the configuration has {requested})")
     if not (recipe.has_reward_kl or recipe.has_loss_kl):
         out.update(verdict="no_kl", on_policy={"verdict": "no_kl"}, variable_length=None, off_policy=None)
-        out["notes"].append("KL is disabled in this configuration: nothing to audit (pass --enable-kl)")
+        out["notes"].append(
+            preset.no_kl_reason(cfg) or "KL is disabled in this configuration: nothing to audit (pass --enable-kl)"
+        )
         out["nearest_unbiased"] = None
         return out
-    main = eng.fixed.evaluate(recipe)
-    out["verdict"] = main.verdict
-    out["on_policy"] = _row(main)
-    out["variable_length"] = _row(eng.varlen.evaluate(recipe))
-    out["off_policy"] = _row(eng.offpolicy.evaluate(recipe))
+    rows = evaluate_scenarios(recipe, eng, toy, lag, progress)
+    out.update(rows)
+    if dtype is not None:
+        from ..userloss import DTYPES, precision_report
+
+        if dtype not in DTYPES:
+            raise PresetError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        out["precision"] = precision_report(recipe, dtype, group_size=eng.group)
+    if lag > 1:
+        out["notes"].append(
+            f"{lag} updates per rollout ({preset.lag_reason(cfg)}): the off-policy row models the stale samples "
+            f"of the later updates by mu = pi + {toy.behaviour_shift} noise"
+        )
     out["nearest_unbiased"] = None
     out["nearest_unbiased_all_lengths"] = None
     if search:
-        if main.verdict == "unbiased":
-            out["nearest_unbiased"] = {"changes": {}, "set": "", "variance": main.variance}
-        sr = nearest_unbiased(preset, cfg, toy, requested) if main.verdict != "unbiased" else None
+        if rows["verdict"] == "unbiased":
+            out["nearest_unbiased"] = {"changes": {}, "set": "", "variance": rows["on_policy"]["variance"]}
+        sr = nearest_unbiased(preset, cfg, toy, requested) if rows["verdict"] != "unbiased" else None
         if sr is not None:
             out["search_evaluations"] = sr.evaluated
             out["notes"].extend(sr.notes)
             if sr.nearest is not None:
-                out["nearest_unbiased"] = {
-                    "changes": sr.nearest.changes,
-                    "set": _fmt_changes(sr.nearest.changes),
-                    "recipe": sr.nearest.recipe.describe(),
-                    "variance": sr.nearest.fixed.variance,
-                    "variable_length_verdict": sr.nearest.varlen.verdict if sr.nearest.varlen else None,
-                }
+                out["nearest_unbiased"] = _suggestion(preset, cfg, sr.nearest)
             if sr.nearest_all_lengths is not None:
-                out["nearest_unbiased_all_lengths"] = {
-                    "changes": sr.nearest_all_lengths.changes,
-                    "set": _fmt_changes(sr.nearest_all_lengths.changes),
-                    "recipe": sr.nearest_all_lengths.recipe.describe(),
-                }
+                out["nearest_unbiased_all_lengths"] = _suggestion(preset, cfg, sr.nearest_all_lengths)
     return out
 
 
-def audit_defaults(toy: AuditToy | None = None) -> list[dict]:
+def audit_defaults(toy: AuditToy | None = None, progress: bool | None = False) -> AuditTable:
     """One audit per framework default (KL switched on where the default has it off), without the search."""
     from . import PRESETS
 
     toy = toy or AuditToy()
     cache: dict[int, Engines] = {}
-    rows = []
-    for name, preset in PRESETS.items():
-        cfg = preset.config({})
-        g = max(1, min(preset.group_size(cfg), toy.max_group))
-        if g not in cache:
-            cache[g] = build_engines(toy, g)
-        rows.append(audit(name, {}, toy, enable_kl=True, search=False, engines=cache[g]))
+    rows = AuditTable()
+    bar = _progress(len(PRESETS), progress, unit="framework")
+    try:
+        for name, preset in PRESETS.items():
+            cfg = preset.config({})
+            g = max(1, min(preset.group_size(cfg), toy.max_group))
+            if g not in cache:
+                cache[g] = build_engines(toy, g)
+            rows.append(audit(name, {}, toy, enable_kl=True, search=False, engines=cache[g]))
+            bar.update(1)
+    finally:
+        bar.close()
     return rows
 
 
-__all__ = ["AuditToy", "Engines", "audit", "audit_defaults", "build_engines", "fmt_value", "nearest_unbiased"]
+def audit_loss(
+    fn,
+    beta: float = 1.0,
+    group_size: int = 2,
+    rewards: str = "zero",
+    agg: str = "seq-mean-token-sum",
+    toy: AuditToy | None = None,
+    dtype: str | None = None,
+    name: str | None = None,
+    vectorize: str = "auto",
+    progress: bool | None = False,
+    compute_dtype: str | None = None,
+) -> dict:
+    """Audit a trainer's own loss function ``fn(batch) -> scalar`` (contract: ``biaslab.userloss``).
+
+    Same scenarios, rows and JSON layout as a preset audit; the top-level ``verdict`` is the on-policy
+    fixed-length one. ``dtype`` adds a ``precision`` report (value and gradient error against float64).
+    """
+    from ..userloss import UserLoss, UserLossError, precision_report
+
+    toy = toy or AuditToy()
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise UserLossError(f"group_size must be a positive integer, got {group_size!r}")
+    from ..userloss import DTYPES
+
+    cdt = None
+    if compute_dtype is not None:
+        if compute_dtype not in DTYPES and compute_dtype != "float64":
+            raise UserLossError(f"compute_dtype must be one of float64, {', '.join(DTYPES)}; got {compute_dtype!r}")
+        cdt = DTYPES.get(compute_dtype, torch.float64)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserLossError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if rewards not in REWARDS:
+        raise UserLossError(f"rewards must be one of {', '.join(REWARDS)}; got {rewards!r}")
+    rule = UserLoss(fn, beta=beta, agg=agg, name=name, vectorize=vectorize, compute_dtype=cdt)
+    if group_size > toy.max_group:
+        raise UserLossError(
+            f"group_size {group_size} is above the exact enumeration limit of the audit toy ({toy.max_group})"
+        )
+    t0 = time.perf_counter()
+    eng = build_engines(toy, group_size, rewards)
+    try:
+        whole = beta if rewards == "binary" else None
+        rows = evaluate_scenarios(rule, eng, toy, lag=2, progress=progress, whole_beta=whole)
+    except ValueError as exc:
+        if isinstance(exc, UserLossError):
+            raise
+        raise UserLossError(f"{rule.describe()}: {exc}") from exc
+    out = AuditReport(
+        {
+            "framework": "loss",
+            "title": f"user loss {rule.name}",
+            "version": "",
+            "functions": rule.name,
+            "sources": "",
+            "settings": {"beta": beta, "group_size": group_size, "rewards": rewards, "agg": agg},
+            "read": {},
+            "ignored": {},
+            "kl_enabled_by_audit": {},
+            "recipe": rule.describe(),
+            "toy": _toy_json(toy, eng, group_size),
+            "vectorized": rule.mode_note,
+            "notes": [
+                f"nominal scale = beta * B * (weight of one token under {agg}); a loss that aggregates otherwise is "
+                "reported 'rescaled' (pass --agg)",
+                f"evaluated with {rule.mode_note}",
+            ],
+            "nearest_unbiased": None,
+            "nearest_unbiased_all_lengths": None,
+            "seconds": None,
+        }
+    )
+    if rewards == "binary":
+        out["notes"].append(
+            "rewards=binary: the whole update is judged against nominal * grad(KL - E[R] / beta), i.e. "
+            "grad(E[R] - beta KL) up to the positive scale of the aggregation; directions name the KL inside it"
+        )
+    out.update(rows)
+    if dtype is not None:
+        out["precision"] = precision_report(rule, dtype, group_size=group_size)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+COLUMNS = ("framework", "scenario", "verdict", "direction", "rel_bias", "scale", "variance", "nearest_cos", "recipe")
+
+
+def records(report: dict | list[dict]) -> list[dict]:
+    """One flat record per (audit, scenario): the rows of ``--format csv|md`` and of ``rows_frame``."""
+    reports = report if isinstance(report, list) else [report]
+    records = []
+    for r in reports:
+        for key, label in SCENARIOS:
+            row = r.get(key)
+            if not row:
+                continue
+            records.append(
+                {
+                    "framework": r["framework"],
+                    "scenario": label,
+                    "verdict": row.get("verdict"),
+                    "direction": row.get("direction", "-"),
+                    "rel_bias": row.get("rel_bias", float("nan")),
+                    "scale": row.get("scale", float("nan")),
+                    "variance": row.get("variance", float("nan")),
+                    "nearest_cos": row.get("nearest_cos", float("nan")),
+                    "recipe": r["recipe"],
+                }
+            )
+    return records
+
+
+def rows_frame(report: dict | list[dict]):
+    """pandas DataFrame (one row per audit and scenario) with typed columns; pandas is imported lazily."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover
+        raise ImportError("rows_frame / to_frame need pandas (pip install pandas)") from None
+    df = pd.DataFrame.from_records(records(report), columns=list(COLUMNS))
+    for col in ("rel_bias", "scale", "variance", "nearest_cos"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in ("framework", "scenario", "verdict", "direction", "recipe"):
+        df[col] = df[col].astype("string")
+    return df
+
+
+__all__ = [
+    "AuditReport",
+    "AuditTable",
+    "AuditToy",
+    "Engines",
+    "audit",
+    "audit_defaults",
+    "audit_loss",
+    "build_engines",
+    "evaluate_scenarios",
+    "fmt_value",
+    "nearest_unbiased",
+    "records",
+    "rows_frame",
+]

@@ -8,6 +8,7 @@ reproduces the framework's formulas through ``biaslab.recipes`` and its estimato
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ class Key:
     choices: tuple = ()
     nullable: bool = False
     help: str = ""
+    why: str = ""  # why values outside ``choices`` are refused (appended to the error)
 
     def parse(self, raw: object) -> object:
         """Validated value from a string (``--set``) or a YAML/JSON value."""
@@ -44,13 +46,18 @@ class Key:
             raise PresetError(f"{self.name} cannot be null")
         if self.kind == "bool":
             if isinstance(raw, bool):
-                return raw
-            s = str(raw).strip().lower()
-            if s in _TRUE:
-                return True
-            if s in _FALSE:
-                return False
-            raise PresetError(f"{self.name} takes true or false, not {raw!r}")
+                flag = raw
+            elif str(raw).strip().lower() in _TRUE:
+                flag = True
+            elif str(raw).strip().lower() in _FALSE:
+                flag = False
+            else:
+                raise PresetError(f"{self.name} takes true or false, not {raw!r}")
+            if self.choices and flag not in self.choices:
+                why = f" ({self.why})" if self.why else ""
+                accepted = ", ".join("true" if c else "false" for c in self.choices)
+                raise PresetError(f"{self.name}={raw!r} is not modelled{why}; accepted values: {accepted}")
+            return flag
         if self.kind in ("float", "int"):
             try:
                 value = float(raw) if self.kind == "float" else int(str(raw))
@@ -58,12 +65,15 @@ class Key:
                 raise PresetError(f"{self.name} takes a number ({self.kind}), not {raw!r}") from None
             if self.choices and value not in self.choices:
                 accepted = ", ".join(str(c) for c in self.choices)
-                raise PresetError(f"{self.name}={raw!r} is not modelled; accepted values: {accepted}")
+                why = f" ({self.why})" if self.why else ""
+                raise PresetError(f"{self.name}={raw!r} is not modelled{why}; accepted values: {accepted}")
             return value
         value = raw if not isinstance(raw, str) else raw.strip()
         if value not in self.choices:
+            why = f" ({self.why})" if self.why else ""
             raise PresetError(
-                f"unknown value {raw!r} for {self.name}; accepted values: {', '.join(str(c) for c in self.choices)}"
+                f"unknown value {raw!r} for {self.name}{why}; accepted values: "
+                f"{', '.join(str(c) for c in self.choices)}"
             )
         return value
 
@@ -75,6 +85,7 @@ class Preset:
     title: str = ""
     version: str = ""
     functions: str = ""  # the framework functions whose formulas the preset reproduces
+    sources: str = ""  # the source files (and release) the preset follows
     keys: tuple[Key, ...] = ()
     search_keys: tuple[str, ...] = ()  # keys the nearest-unbiased search may change
     strip_prefixes: tuple[str, ...] = ("--",)
@@ -103,8 +114,58 @@ class Preset:
         self.validate(cfg)
         return cfg
 
+    def read_config(
+        self, settings: Mapping[str, object] | None, lenient: bool = False
+    ) -> tuple[dict[str, object], dict[str, object], dict[str, object]]:
+        """(cfg, read, ignored). ``lenient`` (a whole config file): keys the preset does not know are returned in
+        ``ignored`` (irrelevant to the KL gradient) instead of refused; Hydra interpolations ``${a.b}`` and
+        ``${oc.select:a.b,default}`` among the read keys are resolved from the same settings."""
+        settings = dict(settings or {})
+        known = {k.name for k in self.keys}
+        read: dict[str, object] = {}
+        ignored: dict[str, object] = {}
+        for raw_name, raw in settings.items():
+            name = self.normalize_name(raw_name)
+            if name in known:
+                read[name] = resolve_interpolation(raw, settings, self.key(name))
+            elif lenient:
+                ignored[name] = raw
+            else:
+                self.key(name)  # raises with the accepted keys
+        return self.config(read), read, ignored
+
     def validate(self, cfg: dict[str, object]) -> None:
         """Raise ``PresetError`` for combinations the framework itself rejects."""
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        """Optimizer updates fed by one rollout batch (1: every update on-policy)."""
+        return 1
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        """The keys behind ``updates_per_rollout``, for the notes."""
+        return ""
+
+    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
+        """True when the configuration trains a value network (the audit takes the critic as 0)."""
+        return False
+
+    def companions(self, changes: Mapping[str, object], cfg: Mapping[str, object]) -> dict[str, object]:
+        """Keys a suggested change also needs to act (e.g. a normalizer constant)."""
+        return {}
+
+    def suggestion_notes(self, changes: Mapping[str, object], cfg: Mapping[str, object]) -> list[str]:
+        """Caveats of a suggested configuration (a critic, a companion key)."""
+        notes = []
+        if self.needs_critic(cfg):
+            notes.append(
+                "this configuration trains a critic: the audit took the critic as 0 (its verdict is for the "
+                "KL credit assignment only)"
+            )
+        return notes
+
+    def no_kl_reason(self, cfg: Mapping[str, object]) -> str:
+        """Why the configuration has no KL term although it asks for one ('' if it does not ask)."""
+        return ""
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         raise NotImplementedError
@@ -136,6 +197,33 @@ class Preset:
         return [v for v in values if v != cfg[name]]
 
 
+_INTERP = re.compile(r"^\$\{(?:oc\.select:)?([^,}]+)(?:,([^}]*))?\}$")
+
+
+def resolve_interpolation(
+    raw: object, settings: Mapping[str, object], key: Key | None = None, depth: int = 0
+) -> object:
+    """A Hydra/OmegaConf ``${a.b}`` or ``${oc.select:a.b,default}`` value resolved from ``settings`` (dotted keys);
+    an unresolvable one falls back to the select default, else to the key's default."""
+    if not isinstance(raw, str) or depth > 8:
+        return raw
+    m = _INTERP.match(raw.strip())
+    if m is None:
+        if "${" in raw:
+            if key is None:
+                return raw
+            raise PresetError(f"{key.name}={raw!r}: an interpolation the audit cannot resolve; set the value itself")
+        return raw
+    target, default = m.group(1).strip(), m.group(2)
+    if target in settings:
+        return resolve_interpolation(settings[target], settings, key, depth + 1)
+    if default is not None:
+        return default.strip()
+    if key is not None:
+        return key.default
+    return raw
+
+
 def estimator_of(table: Mapping[str, Estimator | str], key: str, value: str) -> Estimator | str:
     try:
         return table[value]
@@ -143,4 +231,4 @@ def estimator_of(table: Mapping[str, Estimator | str], key: str, value: str) -> 
         raise PresetError(f"unknown value {value!r} for {key}; accepted values: {', '.join(table)}") from None
 
 
-__all__ = ["Key", "Preset", "PresetError", "estimator_of"]
+__all__ = ["Key", "Preset", "PresetError", "estimator_of", "resolve_interpolation"]

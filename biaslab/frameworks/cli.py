@@ -1,10 +1,13 @@
-"""``biaslab audit``: verdicts for a framework configuration written in that framework's own keys.
+"""``biaslab audit``: verdicts for a framework configuration written in that framework's own keys, or for any
+trainer's own loss function.
 
     biaslab audit --framework verl --set actor_rollout_ref.actor.use_kl_loss=true [--config FILE.yaml] [--format json]
     biaslab audit --defaults
+    biaslab audit --loss my_trainer.py:loss --beta 0.05 [--group-size 2] [--rewards zero|binary] [--dtype bfloat16]
 
-Exit status: 0 when the configuration is unbiased on-policy (fixed-length toy), 1 otherwise (biased, rescaled,
-zero, or KL disabled; with --defaults: when any default is), 2 for usage errors (unknown framework, key or value).
+Exit status: 0 when the configuration (or loss) is unbiased on-policy (fixed-length toy), 1 otherwise (biased,
+rescaled, zero, or KL disabled; with --defaults: when any default is), 2 for usage errors (unknown framework, key
+or value; a loss function that cannot be loaded, raises or returns no usable loss).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import math
 import sys
 from pathlib import Path
 
-from .audit import fmt_value
+from ..aggregation import AGG_MODES
+from ..recipes import RecipeError
+from ..userloss import UserLossError
+from .audit import COLUMNS, fmt_value, records
 from .base import PresetError
 
 
@@ -92,7 +98,19 @@ def _num(x: object) -> str:
 
 
 def _text(report: dict) -> str:
-    lines = [f"{report['title']} {report['version']} ({report['functions']})"]
+    if report["framework"] == "loss":
+        lines = [f"{report['title']} [{report.get('vectorized', '')}]"]
+    else:
+        lines = [f"{report['title']} {report['version']} ({report['functions']})"]
+    if report.get("sources"):
+        lines.append(f"follows: {report['sources']}")
+    if report.get("read"):
+        lines.append("read: " + ", ".join(f"{k}={fmt_value(v)}" for k, v in report["read"].items()))
+    if report.get("ignored"):
+        lines.append(
+            f"ignored as irrelevant to the KL gradient: {len(report['ignored'])} keys "
+            f"({', '.join(list(report['ignored'])[:6])}{', ...' if len(report['ignored']) > 6 else ''})"
+        )
     if report["kl_enabled_by_audit"]:
         sets = ", ".join(f"{k}={fmt_value(v)}" for k, v in report["kl_enabled_by_audit"].items())
         lines.append(f"KL is off in this configuration; the audit switched it on: {sets}")
@@ -106,10 +124,16 @@ def _text(report: dict) -> str:
         lines.append("verdict: no KL term (nothing to audit)")
     else:
         lines.append(f"{'':34s}{'verdict':10s}{'direction':38s}{'rel_bias':>10s}{'scale':>9s}{'variance':>11s}")
+        off = report["off_policy"] or {}
+        off_label = (
+            "off-policy (one update/rollout)"
+            if off.get("updates_per_rollout", 2) <= 1
+            else (f"off-policy (mu = pi + {t['behaviour_shift']} noise)")
+        )
         for label, key in (
             ("on-policy, fixed length", "on_policy"),
             ("on-policy, variable length", "variable_length"),
-            (f"off-policy (mu = pi + {t['behaviour_shift']} noise)", "off_policy"),
+            (off_label, "off_policy"),
         ):
             r = report[key]
             lines.append(
@@ -122,24 +146,68 @@ def _text(report: dict) -> str:
         elif near:
             lines.append(f"nearest unbiased configuration: {near['set']}")
             lines.append(f"  -> {near['recipe']} (with variable lengths: {near['variable_length_verdict']})")
+            for n in near.get("notes", []):
+                lines.append(f"  caveat: {n}")
+        elif report["framework"] == "loss":
+            lines.append(
+                f"the update follows {report['on_policy']['direction']} on-policy (no configuration to search)"
+            )
         else:
             lines.append("no unbiased configuration within the searched changes")
         near_all = report.get("nearest_unbiased_all_lengths")
         if near_all and (not near or near_all["set"] != near.get("set")):
             lines.append(f"nearest unbiased with variable lengths too: {near_all['set']}")
+    prec = report.get("precision")
+    if prec:
+        lines.append(f"precision of the loss in {prec['dtype']} against float64 (relative errors, max / median):")
+        for regime in ("near_reference", "far"):
+            p = prec[regime]
+            lines.append(
+                f"  {regime:15s} value {_num(p['value_rel_error_max'])} / {_num(p['value_rel_error_median'])}  "
+                f"gradient {_num(p['grad_rel_error_max'])} / {_num(p['grad_rel_error_median'])}  "
+                f"non-finite groups {p['non_finite_groups']}"
+            )
     for n in report["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
 
 
+def _table(report: dict | list[dict], fmt: str) -> str:
+    """csv or markdown: one row per (audit, scenario)."""
+    rows = records(report)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()})
+        return buf.getvalue().rstrip("\n")
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        out.append("| " + " | ".join(_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(out)
+
+
+def _emit(report, fmt: str, text) -> None:
+    if fmt == "json":
+        print(_json(report))
+    elif fmt in ("csv", "md"):
+        print(_table(report, fmt))
+    else:
+        print(text(report))
+
+
 def _defaults_text(rows: list[dict]) -> str:
-    head = f"{'framework':10s}{'verdict':10s}{'direction':36s}{'var. length':12s}{'off-policy':11s}recipe"
+    head = f"{'framework':11s}{'verdict':10s}{'direction':38s}{'var. length':12s}{'off-policy':11s}recipe"
     lines = [head]
     for r in rows:
         d = r["on_policy"].get("direction", "-") if r["on_policy"] else "-"
         vl = r["variable_length"]["verdict"] if r["variable_length"] else "-"
         op = r["off_policy"]["verdict"] if r["off_policy"] else "-"
-        lines.append(f"{r['framework']:10s}{r['verdict']:10s}{d:36s}{vl:12s}{op:11s}{r['recipe']}")
+        lines.append(f"{r['framework']:11s}{r['verdict']:10s}{d:38s}{vl:12s}{op:11s}{r['recipe']}")
         if r["kl_enabled_by_audit"]:
             sets = ", ".join(f"{k}={fmt_value(v)}" for k, v in r["kl_enabled_by_audit"].items())
             lines.append(f"{'':10s}(KL off by default; enabled with {sets})")
@@ -147,36 +215,91 @@ def _defaults_text(rows: list[dict]) -> str:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import AuditToy, audit, audit_defaults
+    from .audit import AuditToy, audit, audit_defaults, audit_loss
 
     toy = AuditToy(seed=args.seed)
+    progress = bool(getattr(args, "progress", False))  # main resolves the default (stderr is a terminal)
+    from ..cli import DEFAULT_ALPHA
+
+    alpha = getattr(args, "alpha", DEFAULT_ALPHA)
+    alpha_note = (
+        f"--alpha {alpha} is not applicable: the audit's verdicts are exact (no statistical test)"
+        if alpha != DEFAULT_ALPHA
+        else None
+    )
+    loss_only = [
+        f"--{n.replace('_', '-')}"
+        for n in ("beta", "group_size", "rewards", "agg", "compute_dtype")
+        if getattr(args, n) is not None
+    ]
+    if args.loss:
+        if args.framework or args.set or args.config or args.defaults:
+            raise PresetError("--loss takes no --framework, --set, --config or --defaults")
+        from ..userloss import load_loss
+
+        fn = load_loss(args.loss)
+        report = audit_loss(
+            fn,
+            beta=1.0 if args.beta is None else args.beta,
+            group_size=2 if args.group_size is None else args.group_size,
+            rewards=args.rewards or "zero",
+            agg=args.agg or "seq-mean-token-sum",
+            toy=toy,
+            dtype=args.dtype,
+            name=args.loss,
+            progress=progress,
+            compute_dtype=args.compute_dtype,
+        )
+        if alpha_note:
+            report["notes"].append(alpha_note)
+        _emit(report, args.format, _text)
+        return 0 if report["verdict"] == "unbiased" else 1
+    if loss_only:
+        raise PresetError(f"{', '.join(loss_only)} go with --loss FILE:FUNC")
     if args.defaults:
         if args.framework or args.set or args.config:
             raise PresetError("--defaults takes no --framework, --set or --config")
-        rows = audit_defaults(toy)
-        print(_json(rows) if args.format == "json" else _defaults_text(rows))
+        rows = audit_defaults(toy, progress=progress)
+        if args.dtype:
+            raise PresetError("--dtype goes with --framework or --loss, not --defaults")
+        _emit(rows, args.format, _defaults_text)
         return 0 if all(r["verdict"] == "unbiased" for r in rows) else 1
     if not args.framework:
-        raise PresetError("give --framework NAME (or --defaults)")
-    settings: dict[str, object] = {}
-    if args.config:
-        settings.update(load_config_file(args.config))
-    settings.update(parse_sets(args.set or []))
-    report = audit(args.framework, settings, toy, enable_kl=args.enable_kl, search=not args.no_search)
-    print(_json(report) if args.format == "json" else _text(report))
+        raise PresetError("give --framework NAME, --loss FILE:FUNC or --defaults")
+    from . import get_preset
+
+    preset = get_preset(args.framework)
+    file_settings: dict[str, object] = load_config_file(args.config) if args.config else {}
+    sets = parse_sets(args.set or [])
+    for k in sets:  # --set keys are strict: a typo is an error, not an ignored key
+        preset.key(preset.normalize_name(k))
+    report = audit(
+        args.framework,
+        {**file_settings, **sets},
+        toy,
+        enable_kl=args.enable_kl,
+        search=not args.no_search,
+        lenient=bool(args.config),
+        progress=progress,
+        dtype=args.dtype,
+    )
+    if alpha_note:
+        report["notes"].append(alpha_note)
+    _emit(report, args.format, _text)
     return 0 if report["verdict"] == "unbiased" else 1
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         return _audit(args)
-    except (PresetError, FileNotFoundError) as exc:
+    except (PresetError, FileNotFoundError, UserLossError, RecipeError) as exc:
         print(f"biaslab audit: error: {exc}", file=sys.stderr)
         return 2
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``biaslab audit``."""
+    from ..cli import add_common_flags
     from . import PRESETS
 
     p = subparsers.add_parser(
@@ -190,8 +313,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--defaults", action="store_true", help="one row per framework default")
     p.add_argument("--enable-kl", action="store_true", help="switch KL on if the configuration has it off")
     p.add_argument("--no-search", action="store_true", help="skip the nearest-unbiased search")
-    p.add_argument("--seed", type=int, default=0, help="seed of the default toy")
-    p.add_argument("--format", choices=["text", "json"], default="text")
+    add_common_flags(p, formats=("text", "json", "csv", "md"), seed=True, alpha=True)
+    for action in p._actions:
+        if "--alpha" in action.option_strings:
+            action.help = "accepted as on the other subcommands; not applicable: the audit's verdicts are exact"
+    g = p.add_argument_group("auditing your own loss function")
+    g.add_argument("--loss", metavar="FILE:FUNC", help="FUNC(batch) -> scalar loss of one group (biaslab.userloss)")
+    g.add_argument("--beta", type=float, default=None, help="the KL coefficient inside the function (default 1)")
+    g.add_argument("--group-size", type=int, default=None, help="responses per group B (default 2, at most 3)")
+    g.add_argument("--rewards", choices=["zero", "binary"], default=None, help="task rewards (default zero)")
+    g.add_argument(
+        "--agg",
+        default=None,
+        choices=list(AGG_MODES),
+        help="how the function aggregates tokens, for the nominal scale (default seq-mean-token-sum)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="also evaluate the loss (or the preset's recipe) in this dtype: value and gradient error vs float64",
+    )
+    g.add_argument(
+        "--compute-dtype",
+        choices=["float64", "float32"],
+        default=None,
+        help="precision the function computes in internally (sets the verdict tolerance)",
+    )
     p.set_defaults(func=_run)
 
 

@@ -2,10 +2,18 @@
 below at -10; ``unbiased_gradient``: value kept, gradient w * grad k2 with w = min(pi/pi_old, 10) detached),
 ``compute_reward`` (KL in the token rewards, task reward at the last token), the experience maker's baselines
 (applied to the task reward before the KL is added) and advantage whitening, and ``models/loss.aggregate_loss``.
+
+Sources (OpenRLHF 0.11.2, as installed): openrlhf/models/utils.py (compute_approx_kl, compute_reward),
+openrlhf/models/loss.py (PolicyLoss, aggregate_loss), openrlhf/trainer/ray/ppo_actor.py (the KL loss is
+``aggregate_loss(kl, action_mask, **loss_batch_info)`` without ``token_level_loss``: always a global token mean,
+whatever actor.loss_agg_mode says; PolicyLoss gets ``token_level_loss = loss_agg_mode == "token-mean"``),
+openrlhf/trainer/ppo_trainer.py (steps = rollout.batch_size * n_samples_per_prompt / train.batch_size *
+max_epochs), openrlhf/cli/train_ppo_ray.py (defaults).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from ..estimators import straight_through
@@ -31,21 +39,35 @@ class OpenRLHF(Preset):
     title = "OpenRLHF"
     version = "0.11.2"
     functions = "openrlhf.models.utils.compute_approx_kl, compute_reward; openrlhf.models.loss.aggregate_loss"
+    sources = (
+        "OpenRLHF 0.11.2: openrlhf/models/utils.py, models/loss.py, trainer/ray/ppo_actor.py, cli/train_ppo_ray.py"
+    )
     keys = (
         Key("algo.advantage.estimator", "gae", "choice", ESTIMATORS, help="gae: critic taken as 0"),
         Key("algo.advantage.no_std_norm", False, "bool"),
-        Key("algo.advantage.gamma", 1.0, "float", (1.0,)),
-        Key("algo.advantage.lambd", 1.0, "float", (1.0,)),
+        Key("algo.advantage.gamma", 1.0, "float"),
+        Key("algo.advantage.lambd", 1.0, "float"),
         Key("algo.kl.estimator", "k1", "choice", tuple(KL_VALUES)),
         Key("algo.kl.init_coef", 0.01, "float"),
         Key("algo.kl.use_loss", False, "bool"),
         Key("algo.kl.unbiased_gradient", False, "bool"),
-        Key("algo.kl.target", None, "float", nullable=True),
+        Key(
+            "algo.kl.target",
+            None,
+            "float",
+            (None,),
+            nullable=True,
+            why="a target switches on the adaptive KL controller, which changes beta between steps; audit one step "
+            "with algo.kl.target unset at that beta",
+        ),
         Key("actor.eps_clip", 0.2, "float"),
         Key("actor.dual_clip", None, "float", nullable=True),
         Key("actor.loss_agg_mode", "token-mean", "choice", ("token-mean", "seq-mean-token-mean")),
-        Key("actor.policy_loss_type", "ppo", "choice", ("ppo",)),
+        Key("actor.policy_loss_type", "ppo", "choice", ("ppo",), why="gspo (sequence-level ratio) is not modelled"),
         Key("rollout.n_samples_per_prompt", 1, "int"),
+        Key("rollout.batch_size", 1024, "int"),
+        Key("train.batch_size", 128, "int"),
+        Key("train.max_epochs", 1, "int"),
     )
     search_keys = (
         "algo.kl.estimator",
@@ -61,6 +83,12 @@ class OpenRLHF(Preset):
         adv = cfg["algo.advantage.estimator"]
         if adv in ("rloo", "reinforce_baseline", "group_norm", "dr_grpo") and cfg["rollout.n_samples_per_prompt"] < 2:
             raise PresetError(f"algo.advantage.estimator={adv} requires rollout.n_samples_per_prompt > 1 (as OpenRLHF)")
+        for k in ("algo.advantage.gamma", "algo.advantage.lambd"):
+            if not 0.0 <= cfg[k] <= 1.0:
+                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+        for k in ("rollout.batch_size", "train.batch_size", "train.max_epochs"):
+            if cfg[k] < 1:
+                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         est = estimator_of(KL_VALUES, "algo.kl.estimator", cfg["algo.kl.estimator"])
@@ -74,6 +102,9 @@ class OpenRLHF(Preset):
             reward_estimator=None if use_loss else est,
             reward_coef=0.0 if use_loss else coef,
             reward_credit="rtg",
+            # compute_reward puts the KL on every token; GAE (critic 0) / REINFORCE returns discount by
+            # gamma * lambd (gae) or gamma (the others), see experience_maker.get_cumulative_returns
+            reward_lambda=self.discount(cfg),
             baseline=BASELINE[adv],
             baseline_on="task",
             grpo_eps=1e-9,
@@ -88,8 +119,17 @@ class OpenRLHF(Preset):
             loss_coef=coef if use_loss else 0.0,
             loss_weight="ratio_detached_grad" if unbiased else "none",
             loss_weight_clamp=KL_IS_WEIGHT_CLIP if unbiased else None,
-            loss_agg=cfg["actor.loss_agg_mode"],
+            loss_agg="token-mean",  # ppo_actor.py: aggregate_loss(kl, mask, **loss_batch_info), token_level_loss unset
         )
+
+    @staticmethod
+    def discount(cfg: Mapping[str, object]) -> float:
+        """GAE (critic 0): gamma * lambd; reinforce: gamma; the other estimators force gamma = 1
+        (experience_maker.py: "gamma is set to 1.0 for ...")."""
+        adv = cfg["algo.advantage.estimator"]
+        if adv == "gae":
+            return float(cfg["algo.advantage.gamma"]) * float(cfg["algo.advantage.lambd"])
+        return float(cfg["algo.advantage.gamma"]) if adv == "reinforce" else 1.0
 
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
         return dict(cfg), {}
@@ -97,10 +137,26 @@ class OpenRLHF(Preset):
     def group_size(self, cfg: Mapping[str, object]) -> int:
         return int(cfg["rollout.n_samples_per_prompt"])
 
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        samples = cfg["rollout.batch_size"] * cfg["rollout.n_samples_per_prompt"]
+        return max(1, math.ceil(samples / cfg["train.batch_size"])) * int(cfg["train.max_epochs"])
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return (
+            f"rollout.batch_size={cfg['rollout.batch_size']} x n_samples_per_prompt="
+            f"{cfg['rollout.n_samples_per_prompt']} / train.batch_size={cfg['train.batch_size']} x "
+            f"train.max_epochs={cfg['train.max_epochs']}"
+        )
+
+    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
+        return cfg["algo.advantage.estimator"] == "gae"
+
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = []
         if cfg["algo.advantage.estimator"] == "gae":
-            out.append("gae with gamma = lambd = 1 and the critic taken as 0: the advantage is the reward-to-go")
+            out.append("gae with the critic taken as 0: the advantage is the (gamma * lambd)-discounted reward-to-go")
+        if cfg["algo.kl.use_loss"]:
+            out.append("the KL loss is a global token mean whatever actor.loss_agg_mode says (ppo_actor.py)")
         if cfg["algo.advantage.estimator"] in ("gae", "reinforce", "reinforce_baseline"):
             out.append(
                 "advantage whitening over the rollout batch is taken in its large-batch limit (population mean "

@@ -1,10 +1,15 @@
 """SkyRL 0.3: ``ppo_utils.compute_approx_kl`` (k1, abs, k2, k3 with verl's clamps) in the loss, aggregated as a
 per-sequence token mean then a batch mean, or in the reward (mutually exclusive), with GRPO/RLOO/GAE advantages
 and ``loss_reduction`` for the policy loss.
+
+Sources (SkyRL 0.3.0): skyrl/backends/skyrl_train/utils/ppo_utils.py (compute_approx_kl, the advantage
+estimators), skyrl_train config ppo_base_config.yaml (defaults; trainer.train_batch_size /
+trainer.policy_mini_batch_size x trainer.update_epochs_per_batch optimizer steps per rollout).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from ..recipes import Recipe
@@ -24,6 +29,7 @@ class SkyRL(Preset):
     title = "SkyRL"
     version = "0.3.0"
     functions = "skyrl.backends.skyrl_train.utils.ppo_utils.compute_approx_kl"
+    sources = "SkyRL 0.3.0: skyrl/backends/skyrl_train/utils/ppo_utils.py, config ppo_base_config.yaml"
     keys = (
         Key(P + "advantage_estimator", "grpo", "choice", ("grpo", "gae", "rloo"), help="gae: critic taken as 0"),
         Key(P + "use_kl_loss", True, "bool"),
@@ -34,9 +40,12 @@ class SkyRL(Preset):
         Key(P + "grpo_norm_by_std", True, "bool"),
         Key(P + "eps_clip_low", 0.2, "float"),
         Key(P + "eps_clip_high", 0.2, "float"),
-        Key(P + "gamma", 1.0, "float", (1.0,)),
-        Key(P + "lambd", 1.0, "float", (1.0,)),
+        Key(P + "gamma", 1.0, "float"),
+        Key(P + "lambd", 1.0, "float"),
         Key("generator.n_samples_per_prompt", 5, "int"),
+        Key("trainer.train_batch_size", 1024, "int"),
+        Key("trainer.policy_mini_batch_size", 256, "int"),
+        Key("trainer.update_epochs_per_batch", 1, "int"),
     )
     search_keys = (
         P + "use_kl_loss",
@@ -50,6 +59,9 @@ class SkyRL(Preset):
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg[P + "use_kl_loss"] and cfg[P + "use_kl_in_reward"]:
             raise PresetError(f"{P}use_kl_loss and {P}use_kl_in_reward are mutually exclusive in SkyRL")
+        for k in (P + "gamma", P + "lambd"):
+            if not 0.0 <= cfg[k] <= 1.0:
+                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         est = estimator_of(KL_TYPES, P + "kl_estimator_type", cfg[P + "kl_estimator_type"])
@@ -62,6 +74,7 @@ class SkyRL(Preset):
             reward_estimator=est if use_r else None,
             reward_coef=coef if use_r else 0.0,
             reward_credit="rtg" if adv == "gae" else "full",
+            reward_lambda=float(cfg[P + "gamma"]) * float(cfg[P + "lambd"]) if adv == "gae" else 1.0,
             baseline=baseline,
             baseline_on="total",
             pg_ratio="token",
@@ -80,6 +93,20 @@ class SkyRL(Preset):
 
     def group_size(self, cfg: Mapping[str, object]) -> int:
         return int(cfg["generator.n_samples_per_prompt"])
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        mini = math.ceil(cfg["trainer.train_batch_size"] / cfg["trainer.policy_mini_batch_size"])
+        return max(1, mini) * int(cfg["trainer.update_epochs_per_batch"])
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return (
+            f"trainer.train_batch_size={cfg['trainer.train_batch_size']} / trainer.policy_mini_batch_size="
+            f"{cfg['trainer.policy_mini_batch_size']} x trainer.update_epochs_per_batch="
+            f"{cfg['trainer.update_epochs_per_batch']}"
+        )
+
+    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
+        return cfg[P + "advantage_estimator"] == "gae"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         return ["the KL loss is a per-sequence token mean averaged over sequences, whatever loss_reduction says"]

@@ -3,15 +3,23 @@ the value clamped to +-10 and no input clamp), in the loss as a per-sample token
 multiplies it by the differentiable ratio pi/pi_old (slime clamps low_var_kl after that product, the preset before
 it: identical while |ratio * k3| < 10); ``--kl-coef`` puts the same estimator, from the rollout log-probs, in the
 reward only for ppo / reinforce_plus_plus(_baseline) (with grpo slime ignores it).
+
+Sources (slime main, late 2026): slime/utils/ppo_utils.py (compute_approx_kl; get_reinforce_plus_plus_returns:
+token rewards -kl_coef * k_t plus the task reward at the last token, discounted returns with --gamma;
+get_reinforce_plus_plus_baseline_advantages: (R - group mean of the task reward) - kl_coef * k_t on each token,
+its own KL only, no reward-to-go; both whitened afterwards), slime/backends/megatron_utils/loss.py (advantages,
+policy and KL loss), slime/utils/arguments.py (defaults; --global-batch-size vs rollout-batch-size x
+n-samples-per-prompt = optimizer steps per rollout).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from ..estimators import clamped
-from ..recipes import Recipe
-from .base import Key, Preset, estimator_of
+from .base import Key, Preset, PresetError, estimator_of
+from .engine import ExtRecipe
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", "low_var_kl": clamped("k3", output_clamp=10.0, name="k3_outclamp")}
 ESTIMATORS = ("grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -21,7 +29,8 @@ class Slime(Preset):
     name = "slime"
     title = "slime"
     version = "main (late 2026)"
-    functions = "slime.utils.ppo_utils.compute_approx_kl"
+    functions = "slime.utils.ppo_utils.compute_approx_kl, get_reinforce_plus_plus_baseline_advantages"
+    sources = "slime main (late 2026): slime/utils/ppo_utils.py, backends/megatron_utils/loss.py, utils/arguments.py"
     keys = (
         Key("advantage-estimator", "grpo", "choice", ESTIMATORS),
         Key("use-kl-loss", False, "bool"),
@@ -33,10 +42,19 @@ class Slime(Preset):
         Key("eps-clip-high", None, "float", nullable=True),
         Key("calculate-per-token-loss", False, "bool"),
         Key("n-samples-per-prompt", 1, "int"),
+        Key("gamma", 1.0, "float"),
+        Key("lambd", 1.0, "float"),
+        Key("rollout-batch-size", None, "int", nullable=True),
+        Key("global-batch-size", None, "int", nullable=True),
     )
     search_keys = ("kl-loss-type", "use-unbiased-kl", "use-kl-loss", "advantage-estimator", "calculate-per-token-loss")
 
-    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
+    def validate(self, cfg: dict[str, object]) -> None:
+        for k in ("gamma", "lambd"):
+            if not 0.0 <= cfg[k] <= 1.0:
+                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
         adv = cfg["advantage-estimator"]
         est = estimator_of(KL_TYPES, "kl-loss-type", cfg["kl-loss-type"])
         reward_on = adv != "grpo" and float(cfg["kl-coef"]) != 0
@@ -44,12 +62,22 @@ class Slime(Preset):
         agg = "token-mean" if cfg["calculate-per-token-loss"] else "seq-mean-token-mean"
         eps = float(cfg["eps-clip"])
         hi = eps if cfg["eps-clip-high"] is None else float(cfg["eps-clip-high"])
-        return Recipe(
+        # ppo: GAE (critic 0) with gamma * lambd; reinforce_plus_plus: discounted returns (gamma);
+        # reinforce_plus_plus_baseline: each token only its own KL (discount 0), baseline over the task reward
+        discount = {
+            "ppo": float(cfg["gamma"]) * float(cfg["lambd"]),
+            "reinforce_plus_plus": float(cfg["gamma"]),
+            "reinforce_plus_plus_baseline": 0.0,
+        }.get(adv, 1.0)
+        return ExtRecipe(
             name="slime",
             reward_estimator=est if reward_on else None,
             reward_coef=float(cfg["kl-coef"]) if reward_on else 0.0,
             reward_credit="rtg",
+            reward_lambda=discount,
             baseline={"grpo": "grpo", "reinforce_plus_plus_baseline": "batch_mean"}.get(adv, "none"),
+            baseline_on="task" if adv == "reinforce_plus_plus_baseline" else "total",
+            whiten=adv in ("reinforce_plus_plus", "reinforce_plus_plus_baseline"),
             pg_ratio="token",
             pg_clip=(eps, hi),
             pg_agg=agg,
@@ -66,10 +94,38 @@ class Slime(Preset):
     def group_size(self, cfg: Mapping[str, object]) -> int:
         return int(cfg["n-samples-per-prompt"])
 
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        if cfg["rollout-batch-size"] is None or cfg["global-batch-size"] is None:
+            return 1
+        return max(1, math.ceil(cfg["rollout-batch-size"] * cfg["n-samples-per-prompt"] / cfg["global-batch-size"]))
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return (
+            f"rollout-batch-size={cfg['rollout-batch-size']} x n-samples-per-prompt={cfg['n-samples-per-prompt']} / "
+            f"global-batch-size={cfg['global-batch-size']}"
+        )
+
+    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
+        return cfg["advantage-estimator"] == "ppo"
+
+    def no_kl_reason(self, cfg: Mapping[str, object]) -> str:
+        if cfg["advantage-estimator"] == "grpo" and float(cfg["kl-coef"]) != 0 and not cfg["use-kl-loss"]:
+            return "kl-coef is ignored with advantage-estimator grpo (a silent no-op in slime, #397): no KL term"
+        return ""
+
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = []
         if cfg["advantage-estimator"] == "grpo" and float(cfg["kl-coef"]) != 0:
             out.append("kl-coef is ignored with advantage-estimator grpo (a silent no-op in slime)")
-        if cfg["advantage-estimator"] != "grpo" and float(cfg["kl-coef"]) != 0:
-            out.append("KL in reward: the kl-loss-type estimator per token with reward-to-go credit, critic taken as 0")
+        adv = cfg["advantage-estimator"]
+        if adv == "reinforce_plus_plus_baseline" and float(cfg["kl-coef"]) != 0:
+            out.append(
+                "reinforce_plus_plus_baseline: each token gets only its own -kl_coef * k_t (no reward-to-go); "
+                "the group mean is over the task reward only; whitened (large-batch limit)"
+            )
+        elif adv in ("ppo", "reinforce_plus_plus") and float(cfg["kl-coef"]) != 0:
+            out.append(
+                "KL in reward: the kl-loss-type estimator per token with discounted reward-to-go"
+                + (", critic taken as 0" if adv == "ppo" else ", whitened (large-batch limit)")
+            )
         return out

@@ -1,15 +1,27 @@
 """TRL: ``GRPOTrainer._compute_loss`` (TRL 1.16; k3 in the loss, unclamped, times the differentiable ratio
 exp(logp - logp_old) when ``use_bias_correction_kl``; ``loss_type`` picks the aggregation) and the PPO trainer
 of TRL's 0.x line (k1 or k3 from the rollout log-probs in the token rewards, GAE with ``gamma``/``lam``,
-whitened advantages, clipped ratio, token-mean loss; TRL 1.16 no longer ships it).
+whitened advantages, clipped ratio, token-mean loss; TRL 1.16 no longer ships it), and ``RLOOTrainer`` (TRL 1.16).
+
+Sources: trl/trainer/grpo_trainer.py and grpo_config.py (TRL 1.16: ``_compute_loss``: per_token_kl = exp(ref - lp)
+- (ref - lp) - 1, times coef_1 = exp(log_importance_weights) when use_bias_correction_kl, with
+log_importance_weights per token or, for importance_sampling_level="sequence", the masked mean of the log ratio
+broadcast to every token; loss_type grpo = per-sequence token mean then mean, bnpo = batch token mean, dr_grpo =
+sum / (B * max_completion_length), dapo = sum / num_items_in_batch (a global token mean); max_completion_length
+default 512; one generation batch feeds num_iterations x steps_per_generation / gradient_accumulation_steps
+optimizer steps), trl/trainer/rloo_trainer.py and rloo_config.py (TRL 1.16: rewards -= beta * sum_t (old - ref)
+before the leave-one-out baseline; a sequence-level ratio, one loss per response, mean over responses; beta 0.05),
+trl/trainer/ppo_trainer.py (TRL 0.x: num_ppo_epochs x num_mini_batches updates per rollout).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from ..recipes import Recipe
 from .base import Key, Preset, PresetError
+from .engine import ExtRecipe
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 
@@ -19,26 +31,36 @@ class TRLGRPO(Preset):
     title = "TRL GRPOTrainer"
     version = "1.16.0"
     functions = "trl.GRPOTrainer._compute_loss (inline KL; TRL has no standalone KL function)"
+    sources = "TRL 1.16: trl/trainer/grpo_trainer.py (_compute_loss), trl/trainer/grpo_config.py"
     keys = (
         Key("beta", 0.0, "float"),
-        Key("loss_type", "dapo", "choice", tuple(LOSS_TYPES)),
+        Key("loss_type", "dapo", "choice", tuple(LOSS_TYPES), why="cispo and sapo are not modelled"),
         Key("use_bias_correction_kl", True, "bool"),
         Key("epsilon", 0.2, "float"),
         Key("epsilon_high", None, "float", nullable=True),
         Key("num_generations", 8, "int"),
         Key("scale_rewards", "group", "choice", ("group", "batch", "none")),
-        Key("importance_sampling_level", "token", "choice", ("token",)),
-        Key("max_completion_length", 256, "int"),
+        Key("importance_sampling_level", "token", "choice", ("token", "sequence")),
+        Key("max_completion_length", 512, "int"),
+        Key("num_iterations", 1, "int"),
+        Key("steps_per_generation", None, "int", nullable=True),
+        Key("gradient_accumulation_steps", 1, "int"),
     )
-    search_keys = ("use_bias_correction_kl", "loss_type", "scale_rewards")
+    search_keys = ("use_bias_correction_kl", "loss_type", "scale_rewards", "importance_sampling_level")
 
-    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
+    def validate(self, cfg: dict[str, object]) -> None:
+        for k in ("num_iterations", "gradient_accumulation_steps", "max_completion_length", "num_generations"):
+            if cfg[k] < 1:
+                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
         beta = float(cfg["beta"])
         eps = float(cfg["epsilon"])
         hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
         agg = LOSS_TYPES[cfg["loss_type"]]
-        return Recipe(
+        return ExtRecipe(
             name="trl-grpo",
+            is_level="sequence_mean" if cfg["importance_sampling_level"] == "sequence" else "token",
             baseline="grpo" if cfg["scale_rewards"] != "none" else "batch_mean",
             grpo_eps=1e-4,
             pg_ratio="token",
@@ -48,7 +70,17 @@ class TRLGRPO(Preset):
             loss_coef=beta,
             loss_weight="ratio" if cfg["use_bias_correction_kl"] else "none",
             loss_agg=agg,
-            horizon=None,
+            horizon=int(cfg["max_completion_length"]) if agg == "constant" else None,
+        )
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        spg = cfg["steps_per_generation"] or cfg["gradient_accumulation_steps"]
+        return int(cfg["num_iterations"]) * max(1, math.ceil(spg / cfg["gradient_accumulation_steps"]))
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return (
+            f"num_iterations={cfg['num_iterations']} x steps_per_generation={cfg['steps_per_generation']} / "
+            f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']}"
         )
 
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
@@ -63,7 +95,12 @@ class TRLGRPO(Preset):
         if cfg["scale_rewards"] == "batch":
             out.append("scale_rewards=batch (std over the whole batch) is modelled by the group std")
         if cfg["loss_type"] == "dr_grpo":
-            out.append("dr_grpo divides by B * max_completion_length; the toy uses its own T as that constant")
+            out.append("dr_grpo divides by B * max_completion_length (a constant: included in the nominal scale)")
+        if cfg["importance_sampling_level"] == "sequence" and cfg["use_bias_correction_kl"]:
+            out.append(
+                "importance_sampling_level=sequence: the per-token KL is multiplied by the sequence-level ratio "
+                "(TRL #6586)"
+            )
         return out
 
 
@@ -72,22 +109,28 @@ class TRLPPO(Preset):
     title = "TRL PPOTrainer (0.x)"
     version = "0.x"
     functions = "trl PPOTrainer.train: logr = ref - logprobs, kl = -logr (k1) or expm1(logr) - logr (k3)"
+    sources = "TRL 0.x: trl/trainer/ppo_trainer.py, ppo_config.py (absent from TRL 1.16)"
     keys = (
         Key("kl_coef", 0.05, "float"),
         Key("kl_estimator", "k1", "choice", ("k1", "k3")),
         Key("cliprange", 0.2, "float"),
-        Key("gamma", 1.0, "float", (1.0,)),
+        Key("gamma", 1.0, "float"),
         Key("lam", 0.95, "float"),
-        Key("whiten_rewards", False, "bool"),
+        Key("whiten_rewards", False, "bool", why="reward whitening is not modelled"),
         Key("num_ppo_epochs", 4, "int"),
+        Key("num_mini_batches", 1, "int"),
     )
     search_keys = ("kl_estimator", "lam")
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg["whiten_rewards"]:
             raise PresetError("whiten_rewards=true is not modelled; accepted values: false")
-        if not 0.0 <= cfg["lam"] <= 1.0:
-            raise PresetError(f"lam must lie in [0, 1], got {cfg['lam']}")
+        for k in ("lam", "gamma"):
+            if not 0.0 <= cfg[k] <= 1.0:
+                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+        for k in ("num_ppo_epochs", "num_mini_batches"):
+            if cfg[k] < 1:
+                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
     def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
         if name == "lam":
@@ -113,8 +156,76 @@ class TRLPPO(Preset):
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
         return dict(cfg), {}
 
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["num_ppo_epochs"]) * int(cfg["num_mini_batches"])
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return f"num_ppo_epochs={cfg['num_ppo_epochs']} x num_mini_batches={cfg['num_mini_batches']}"
+
+    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
+        return True
+
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         return [
             "GAE with the critic taken as 0: the advantage is the (gamma * lam)-discounted reward-to-go",
             "advantage whitening taken in its large-batch limit (a global positive scale)",
         ]
+
+
+class TRLRLOO(Preset):
+    name = "trl-rloo"
+    title = "TRL RLOOTrainer"
+    version = "1.16.0"
+    functions = "trl.RLOOTrainer: rewards - beta * sum_t (old_logp - ref_logp), leave-one-out baseline"
+    sources = "TRL 1.16: trl/trainer/rloo_trainer.py, trl/trainer/rloo_config.py"
+    keys = (
+        Key("beta", 0.05, "float"),
+        Key("num_generations", 2, "int"),
+        Key("normalize_advantages", False, "bool"),
+        Key("epsilon", 0.2, "float"),
+        Key("epsilon_high", None, "float", nullable=True),
+        Key("num_iterations", 1, "int"),
+        Key("steps_per_generation", None, "int", nullable=True),
+        Key("gradient_accumulation_steps", 1, "int"),
+    )
+    search_keys = ("normalize_advantages",)
+
+    def validate(self, cfg: dict[str, object]) -> None:
+        if cfg["num_generations"] < 2:
+            raise PresetError("num_generations must be >= 2 for the leave-one-out baseline (as TRL)")
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+        beta = float(cfg["beta"])
+        eps = float(cfg["epsilon"])
+        hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
+        return ExtRecipe(
+            name="trl-rloo",
+            reward_estimator="k1" if beta != 0 else None,
+            reward_coef=beta,
+            reward_credit="full",
+            baseline="rloo",
+            baseline_on="total",
+            whiten=bool(cfg["normalize_advantages"]),
+            is_level="sequence_sum",
+            pg_clip=(eps, hi),
+            pg_agg="seq-mean-token-sum",
+        )
+
+    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+        return dict(cfg), {}
+
+    def group_size(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["num_generations"])
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        spg = cfg["steps_per_generation"] or cfg["gradient_accumulation_steps"]
+        return int(cfg["num_iterations"]) * max(1, math.ceil(spg / cfg["gradient_accumulation_steps"]))
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return TRLGRPO.lag_reason(self, cfg)  # type: ignore[arg-type]
+
+    def notes(self, cfg: Mapping[str, object]) -> list[str]:
+        out = ["k1 from the rollout log-probs, summed per response, subtracted from the reward (KL in reward)"]
+        if cfg["normalize_advantages"]:
+            out.append("normalize_advantages: whitening over the batch taken in its large-batch limit")
+        return out

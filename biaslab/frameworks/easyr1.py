@@ -1,0 +1,103 @@
+"""EasyR1 (hiyouga/EasyR1, late 2026), a verl fork: one ``algorithm.kl_penalty`` / ``algorithm.kl_coef`` for the
+KL in the reward (``use_kl_loss: false``) or in the loss (``use_kl_loss: true``), verl's estimators and clamps;
+``disable_kl`` switches it off; the actor's ``loss_avg_mode`` (token | seq) aggregates.
+
+Sources (EasyR1 main, late 2026): verl/trainer/core_algos.py (kl_penalty, compute_kl, the advantage estimators),
+verl/workers/actor/dp_actor.py (KL loss, average_loss), verl/trainer/config.py and examples/config.yaml (defaults:
+adv_estimator grpo, use_kl_loss true, kl_penalty low_var_kl, kl_coef 1e-2, rollout.n 5, data.rollout_batch_size 512,
+worker.actor.global_batch_size 128).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from .base import Key, Preset, PresetError, estimator_of
+from .engine import ExtRecipe
+from .verl import KL_TYPES
+
+KL = {k: v for k, v in KL_TYPES.items() if not k.endswith("+")}
+AVG = {"token": "token-mean", "seq": "seq-mean-token-mean"}
+
+
+class EasyR1(Preset):
+    name = "easyr1"
+    title = "EasyR1"
+    version = "main (late 2026)"
+    functions = "verl.trainer.core_algos.kl_penalty (EasyR1's verl fork)"
+    sources = (
+        "EasyR1 main (late 2026): verl/trainer/core_algos.py, verl/workers/actor/dp_actor.py, examples/config.yaml"
+    )
+    keys = (
+        Key(
+            "algorithm.adv_estimator",
+            "grpo",
+            "choice",
+            ("grpo", "rloo", "reinforce_plus_plus"),
+            why="gae / remax are not modelled",
+        ),
+        Key("algorithm.disable_kl", False, "bool"),
+        Key("algorithm.use_kl_loss", True, "bool"),
+        Key("algorithm.kl_penalty", "low_var_kl", "choice", tuple(KL)),
+        Key("algorithm.kl_coef", 1e-2, "float"),
+        Key("algorithm.kl_type", "fixed", "choice", ("fixed",), why="adaptive KL control changes beta between steps"),
+        Key("worker.actor.loss_avg_mode", "token", "choice", tuple(AVG)),
+        Key("worker.actor.clip_ratio_low", 0.2, "float"),
+        Key("worker.actor.clip_ratio_high", 0.3, "float"),
+        Key("worker.actor.ppo_epochs", 1, "int"),
+        Key("worker.actor.global_batch_size", 128, "int"),
+        Key("data.rollout_batch_size", 512, "int"),
+        Key("worker.rollout.n", 5, "int"),
+    )
+    search_keys = (
+        "algorithm.use_kl_loss",
+        "algorithm.kl_penalty",
+        "algorithm.adv_estimator",
+        "worker.actor.loss_avg_mode",
+    )
+
+    def validate(self, cfg: dict[str, object]) -> None:
+        if cfg["worker.actor.global_batch_size"] < 1 or cfg["data.rollout_batch_size"] < 1:
+            raise PresetError("batch sizes must be >= 1")
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+        adv = cfg["algorithm.adv_estimator"]
+        on = not cfg["algorithm.disable_kl"] and float(cfg["algorithm.kl_coef"]) != 0
+        use_l = on and bool(cfg["algorithm.use_kl_loss"])
+        use_r = on and not cfg["algorithm.use_kl_loss"]
+        est = estimator_of(KL, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"])
+        agg = AVG[cfg["worker.actor.loss_avg_mode"]]
+        coef = float(cfg["algorithm.kl_coef"])
+        return ExtRecipe(
+            name="easyr1",
+            reward_estimator=est if use_r else None,
+            reward_coef=coef if use_r else 0.0,
+            reward_credit="rtg" if adv == "reinforce_plus_plus" else "full",
+            baseline={"grpo": "grpo", "rloo": "rloo"}.get(adv, "none"),
+            baseline_on="total",
+            whiten=adv == "reinforce_plus_plus",
+            pg_clip=(float(cfg["worker.actor.clip_ratio_low"]), float(cfg["worker.actor.clip_ratio_high"])),
+            log_ratio_clamp=20.0,
+            pg_agg=agg,
+            loss_estimator=est if use_l else None,
+            loss_coef=coef if use_l else 0.0,
+            loss_agg=agg,
+        )
+
+    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+        changed = {"algorithm.disable_kl": False} if cfg["algorithm.disable_kl"] else {}
+        return {**cfg, **changed}, changed
+
+    def group_size(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["worker.rollout.n"])
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        mini = math.ceil(cfg["data.rollout_batch_size"] / cfg["worker.actor.global_batch_size"])
+        return max(1, mini) * int(cfg["worker.actor.ppo_epochs"])
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return (
+            f"data.rollout_batch_size={cfg['data.rollout_batch_size']} / worker.actor.global_batch_size="
+            f"{cfg['worker.actor.global_batch_size']} x worker.actor.ppo_epochs={cfg['worker.actor.ppo_epochs']}"
+        )

@@ -1,0 +1,101 @@
+"""ms-swift GRPO (modelscope/ms-swift, late 2026): with ``kl_in_reward`` the summed k1 of the old vs reference
+log-probs times ``beta`` is subtracted from each response's reward before the advantage estimator (grpo: group
+mean and std; rloo: leave-one-out; reinforce_plus_plus: group mean, batch std); otherwise k3 (log-ratio clamped to
++-20, value to +-10) times ``beta`` is added to the loss, aggregated by ``loss_type``. ``kl_in_reward`` and
+``scale_rewards`` default by estimator (swift/arguments rlhf_args: grpo -> false / group, rloo -> true / none,
+reinforce_plus_plus -> true / batch).
+
+Sources (ms-swift main, late 2026): swift/trainers/rlhf_trainer/grpo_trainer.py (_compute_advantages with
+kl_in_reward, _compute_loss), swift/trainers/rlhf_arguments.py / arguments/rlhf_args.py (defaults: beta 0.04,
+kl_in_reward false, num_generations 8, loss_type grpo, scale_rewards group, num_iterations 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..estimators import clamped
+from .base import Key, Preset
+from .engine import ExtRecipe
+
+K3_SWIFT = clamped("k3", input_clamp=20.0, output_clamp=10.0, name="k3_swift")
+LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean"}
+
+
+class MsSwift(Preset):
+    name = "ms-swift"
+    title = "ms-swift GRPO"
+    version = "main (late 2026)"
+    functions = "swift.trainers.rlhf_trainer.grpo_trainer.GRPOTrainer (_compute_advantages, _compute_loss)"
+    sources = "ms-swift main (late 2026): swift/trainers/rlhf_trainer/grpo_trainer.py, rlhf arguments"
+    keys = (
+        Key("beta", 0.04, "float"),
+        Key("advantage_estimator", "grpo", "choice", ("grpo", "rloo", "reinforce_plus_plus")),
+        Key("kl_in_reward", None, "bool", nullable=True, help="null: by advantage_estimator"),
+        Key("num_generations", 8, "int"),
+        Key("loss_type", "grpo", "choice", tuple(LOSS_TYPES), why="other loss types are not modelled"),
+        Key("scale_rewards", "auto", "choice", ("auto", "group", "batch", "none"), help="auto: by advantage_estimator"),
+        Key("epsilon", 0.2, "float"),
+        Key("epsilon_high", None, "float", nullable=True),
+        Key("num_iterations", 1, "int"),
+    )
+    search_keys = ("kl_in_reward", "advantage_estimator", "loss_type", "scale_rewards")
+
+    @staticmethod
+    def resolved(cfg: Mapping[str, object]) -> tuple[bool, str]:
+        """(kl_in_reward, scale_rewards) with the estimator-dependent defaults filled in."""
+        adv = cfg["advantage_estimator"]
+        kl_in_reward = cfg["kl_in_reward"] if cfg["kl_in_reward"] is not None else adv != "grpo"
+        scale = cfg["scale_rewards"]
+        if scale == "auto":  # the argument left unset (None in ms-swift)
+            scale = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}[adv]
+        return bool(kl_in_reward), scale
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+        beta = float(cfg["beta"])
+        kl_in_reward, scale = self.resolved(cfg)
+        adv = cfg["advantage_estimator"]
+        in_r = kl_in_reward and beta != 0
+        in_l = not kl_in_reward and beta != 0
+        if adv == "rloo":
+            baseline = "rloo"
+        elif adv == "reinforce_plus_plus" or scale != "group":
+            baseline = "batch_mean"
+        else:
+            baseline = "grpo"
+        agg = LOSS_TYPES[cfg["loss_type"]]
+        eps = float(cfg["epsilon"])
+        hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
+        return ExtRecipe(
+            name="ms-swift",
+            reward_estimator="k1" if in_r else None,
+            reward_coef=beta if in_r else 0.0,
+            reward_credit="full",
+            baseline=baseline,
+            baseline_on="total",
+            whiten=scale == "batch",
+            whiten_std=True,
+            grpo_eps=1e-4,
+            pg_clip=(eps, hi),
+            pg_agg=agg,
+            loss_estimator=K3_SWIFT if in_l else None,
+            loss_coef=beta if in_l else 0.0,
+            loss_agg=agg,
+        )
+
+    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+        return dict(cfg), {}
+
+    def group_size(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["num_generations"])
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["num_iterations"])
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return f"num_iterations={cfg['num_iterations']}"
+
+    def notes(self, cfg: Mapping[str, object]) -> list[str]:
+        if self.resolved(cfg)[1] == "batch":
+            return ["scale_rewards=batch: division by the batch std, taken in its large-batch limit (a global scale)"]
+        return []

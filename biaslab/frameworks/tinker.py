@@ -1,0 +1,86 @@
+"""Tinker cookbook (thinking-machines-lab/tinker-cookbook, late 2026): ``rl/metrics.incorporate_kl_penalty`` adds
+``kl_penalty_coef * mask * (avg_logp_diff - logp_diff)`` to the advantages, with logp_diff = sampled log-prob minus
+base log-prob (k1 from the sampler's log-probs) and avg_logp_diff its mean over every token of the batch (a
+centring); with ``kl_discount_factor`` > 0 those per-token penalties are summed into discounted future sums, with
+0 (the default) each token keeps only its own penalty: a per-token partial gradient. Task advantages are the
+reward minus the group mean (``compute_advantages``); the loss is the ``importance_sampling`` token sum.
+
+Sources (tinker-cookbook main, late 2026): tinker_cookbook/rl/metrics.py (incorporate_kl_penalty),
+tinker_cookbook/rl/data_processing.py (compute_advantages), tinker_cookbook/rl/train.py (Config defaults:
+kl_penalty_coef 0.0, kl_discount_factor 0.0, num_substeps 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .base import Key, Preset, PresetError
+from .engine import ExtRecipe
+
+
+class Tinker(Preset):
+    name = "tinker"
+    title = "Tinker cookbook"
+    version = "main (late 2026)"
+    functions = "tinker_cookbook.rl.metrics.incorporate_kl_penalty"
+    sources = "tinker-cookbook main (late 2026): tinker_cookbook/rl/metrics.py, rl/data_processing.py, rl/train.py"
+    keys = (
+        Key("kl_penalty_coef", 0.0, "float"),
+        Key("kl_discount_factor", 0.0, "float"),
+        Key("group_size", 4, "int"),
+        Key("num_substeps", 1, "int"),
+    )
+    search_keys = ("kl_discount_factor",)
+
+    def validate(self, cfg: dict[str, object]) -> None:
+        if not 0.0 <= cfg["kl_discount_factor"] <= 1.0:
+            raise PresetError(f"kl_discount_factor must lie in [0, 1], got {cfg['kl_discount_factor']}")
+
+    def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
+        if name == "kl_discount_factor":
+            return [v for v in (1.0,) if v != cfg[name]]
+        return super().search_values(name, cfg)
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+        coef = float(cfg["kl_penalty_coef"])
+        return ExtRecipe(
+            name="tinker",
+            reward_estimator="k1" if coef != 0 else None,
+            reward_coef=coef,
+            reward_credit="rtg",
+            reward_lambda=float(cfg["kl_discount_factor"]),
+            baseline="batch_mean",
+            baseline_on="task",
+            # the batch-wide token-mean centring in its large-batch limit: a constant subtracted from every token's
+            # advantage = mean-only whitening (exact for kl_discount_factor 0; with > 0 Tinker centres before
+            # discounting, the model after); group-level centring is ExtRecipe(reward_kl_center="group_token_mean")
+            whiten=True,
+            whiten_std=False,
+            pg_ratio="token",
+            pg_agg="token-sum",
+        )
+
+    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+        changed = {"kl_penalty_coef": 0.01}
+        return {**cfg, **changed}, changed
+
+    def group_size(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["group_size"])
+
+    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["num_substeps"])
+
+    def lag_reason(self, cfg: Mapping[str, object]) -> str:
+        return f"num_substeps={cfg['num_substeps']}"
+
+    def notes(self, cfg: Mapping[str, object]) -> list[str]:
+        return [
+            "the KL penalty is centred by its mean over the batch's tokens, taken in the large-batch limit (a constant "
+            "subtracted from every token's advantage)",
+            f"kl_discount_factor={cfg['kl_discount_factor']:g}: "
+            + (
+                "each token is penalised for its own KL only (a per-token partial gradient)"
+                if cfg["kl_discount_factor"] == 0
+                else "discounted future KL sums"
+            ),
+        ]

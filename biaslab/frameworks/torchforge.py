@@ -1,0 +1,45 @@
+"""TorchForge (meta-pytorch/torchforge, late 2026) apps/grpo: unclamped k3 (exp(ref - lp) - (ref - lp) - 1) times
+``beta`` (0.1) added to the per-token policy loss, averaged per response then over the batch; GRPO advantages
+(group mean and std of the reward).
+
+Sources (TorchForge main, late 2026): apps/grpo/main.py (simple_grpo_loss, ComputeAdvantages), apps/grpo/qwen3_1_7b.yaml
+(defaults: beta 0.1, group_size 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .base import Key, Preset
+from .engine import ExtRecipe
+
+
+class TorchForge(Preset):
+    name = "torchforge"
+    title = "TorchForge GRPO"
+    version = "main (late 2026)"
+    functions = "apps/grpo/main.py simple_grpo_loss"
+    sources = "TorchForge main (late 2026): apps/grpo/main.py, apps/grpo/qwen3_1_7b.yaml"
+    keys = (
+        Key("beta", 0.1, "float"),
+        Key("group_size", 8, "int"),
+    )
+    search_keys = ()
+
+    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+        beta = float(cfg["beta"])
+        return ExtRecipe(
+            name="torchforge",
+            baseline="grpo",
+            pg_ratio="token",
+            pg_agg="seq-mean-token-mean",
+            loss_estimator="k3" if beta != 0 else None,
+            loss_coef=beta,
+            loss_agg="seq-mean-token-mean",
+        )
+
+    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+        return dict(cfg), {}
+
+    def group_size(self, cfg: Mapping[str, object]) -> int:
+        return int(cfg["group_size"])
