@@ -36,6 +36,8 @@ __all__ = [
     "TokenBatch",
     "all_configs",
     "make_config",
+    "Recipe",
+    "audit_loss",
     "AutoregressiveModel",
     "ModelError",
     "NeuralAR",

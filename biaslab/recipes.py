@@ -5,7 +5,9 @@ A ``Recipe`` adds, around a KL estimator, what real trainers do with it:
 * **KL in reward** (``reward_estimator``, coefficient beta_r): the per-token value k_t, computed from the
   *behaviour* log-probs as frameworks do (detached), enters the token rewards r_t = -beta_r * k_t; credit is the
   reward-to-go ``rtg`` (GAE with gamma = lambda = 1 and no critic) or the ``full`` return (outcome estimators).
-  The credit itself comes from ``biaslab.placements.KLConfig.returns`` (one place for that logic).
+  ``reward_kl_center="group_token_mean"`` first subtracts the masked mean of k over the group's tokens
+  (Tinker cookbook's centring of the KL penalty); ``reward_lambda`` discounts the reward-to-go (its
+  ``kl_discount_factor``; 0: each token only its own KL, a per-token partial gradient).
 * **Advantage baseline** over the B responses of a group, on the outcome score S_i = R_i - beta_r * K_i
   (``baseline_on="total"``, verl/SkyRL style) or on the task reward only with the KL added afterwards
   (``baseline_on="task"``, OpenRLHF style):
@@ -15,8 +17,11 @@ A ``Recipe`` adds, around a KL estimator, what real trainers do with it:
   per-token advantages and subtracts their population mean (OpenRLHF's advantage whitening over a large
   rollout batch; the exact engine supplies those two constants).
 * **Policy-gradient loss** on the advantages with importance weights rho = pi / mu per token or per sequence:
-  ``pg_ratio="none"`` is plain REINFORCE -A * logp (ignores mu); ``"token"``/``"sequence"`` use rho,
-  differentiable (PPO: -A * rho, optionally clipped to [1 - eps_lo, 1 + eps_hi] with max(), and dual-clipped at
+  ``pg_ratio="none"`` is plain REINFORCE -A * logp (ignores mu); ``"token"``/``"sequence"`` use rho (per token,
+  or exp of the summed log-ratio on every token), ``"sequence_mean"`` exp of the mean log-ratio on every token
+  (TRL ``importance_sampling_level="sequence"``, GSPO), ``"sequence_once"`` exp of the summed log-ratio as one loss
+  per response (TRL RLOOTrainer); a ``loss_weight="ratio"`` KL weight uses the same rho;
+  rho differentiable (PPO: -A * rho, optionally clipped to [1 - eps_lo, 1 + eps_hi] with max(), and dual-clipped at
   c for A < 0) or detached (-A * sg(min(rho, clamp)) * logp, truncated importance sampling).
 * **KL in loss** (``loss_estimator``, coefficient beta_l): the per-token value k(logp, logp_ref) from the
   estimator registry (through ``KLConfig.token_values``), times an optional weight: ``ratio`` = rho
@@ -53,7 +58,8 @@ from .placements import TokenBatch
 
 BASELINES = ("none", "batch_mean", "rloo", "grpo")
 CREDITS = ("rtg", "full")
-PG_RATIOS = ("none", "token", "sequence")
+PG_RATIOS = ("none", "token", "sequence", "sequence_mean", "sequence_once")
+KL_CENTERS = ("none", "group_token_mean")
 RATIO_GRADS = ("differentiable", "detached")
 LOSS_WEIGHTS = ("none", "ratio", "score", "ratio_detached", "ratio_detached_grad")
 LEVELS = ("token", "sequence")
@@ -102,6 +108,8 @@ class Recipe:
     horizon: int | None = None
     # token: sum_t k(delta_t); sequence: k(sum_t delta_t) (both estimators)
     level: str = "token"
+    # subtract from every token's KL reward the masked mean of the per-token KL values over the group's tokens
+    reward_kl_center: str = "none"
 
     def __post_init__(self) -> None:
         if self.reward_estimator is not None:
@@ -113,6 +121,11 @@ class Recipe:
         _choice("baseline", self.baseline, BASELINES)
         _choice("baseline_on", self.baseline_on, ("total", "task"))
         _choice("pg_ratio", self.pg_ratio, PG_RATIOS)
+        _choice("reward_kl_center", self.reward_kl_center, KL_CENTERS)
+        if self.reward_kl_center != "none" and (self.whiten or self.baseline_on != "task"):
+            raise RecipeError(
+                "reward_kl_center needs baseline_on='task' (the KL enters after the task baseline) and no whitening"
+            )
         _choice("pg_ratio_grad", self.pg_ratio_grad, RATIO_GRADS)
         _choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _choice("level", getattr(self.level, "value", self.level), LEVELS)
@@ -194,7 +207,12 @@ class Recipe:
         if self.pg_clip is not None:
             pg += f" clip {self.pg_clip}"
         parts.append(f"{pg}, {self.pg_agg}")
-        return "; ".join(parts) if parts else "no KL"
+        extra = []
+        if self.has_reward_kl and self.reward_kl_center != "none":
+            extra.append(f"KL reward centred ({self.reward_kl_center})")
+        if self.has_reward_kl and self.reward_lambda != 1.0:
+            extra.append(f"KL credit discount {self.reward_lambda:g}")
+        return "; ".join(parts + extra)
 
     # ------------------------------------------------------------------ the basic view (make_config)
 
@@ -318,6 +336,9 @@ def kl_reward_credit(
         big_k = sequence_values(est, logp_at, logp_ref, mask).detach()  # (...,)
         return big_k.unsqueeze(-1) * mask, big_k
     k = token_values(est, logp_at, logp_ref, mask, full).detach()  # (..., T)
+    if recipe.reward_kl_center == "group_token_mean":  # k over (..., B, T): subtract the group's token mean
+        mean = k.sum((-1, -2), keepdim=True) / mask.sum((-1, -2), keepdim=True).clamp(min=1)
+        k = (k - mean) * mask
     big_k = k.sum(-1)
     if recipe.reward_credit == "full":
         return big_k.unsqueeze(-1) * mask, big_k
@@ -389,16 +410,23 @@ def advantages(
     return (adv * mask).detach()
 
 
+def importance_ratio(recipe: Recipe, logp: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:
+    """(..., B, T) rho = pi / mu as the recipe's ``pg_ratio`` defines it (differentiable; 1 in value on-policy)."""
+    log_ratio = (logp - logp_old) * mask  # (..., B, T)
+    if recipe.pg_ratio in ("sequence", "sequence_once"):
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(logp)
+    elif recipe.pg_ratio == "sequence_mean":
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(logp)
+    if recipe.log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-recipe.log_ratio_clamp, recipe.log_ratio_clamp)
+    return log_ratio.exp()
+
+
 def pg_token_loss(recipe: Recipe, adv: Tensor, logp: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:
     """(..., B, T) per-token policy-gradient loss on fixed advantages (see module docstring)."""
     if recipe.pg_ratio == "none":
         return -adv * logp
-    log_ratio = (logp - logp_old) * mask  # (..., B, T)
-    if recipe.pg_ratio == "sequence":
-        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(logp)
-    if recipe.log_ratio_clamp is not None:
-        log_ratio = log_ratio.clamp(-recipe.log_ratio_clamp, recipe.log_ratio_clamp)
-    ratio = log_ratio.exp()
+    ratio = importance_ratio(recipe, logp, logp_old, mask)
     if recipe.pg_ratio_grad == "detached":
         w = ratio.detach()
         if recipe.pg_is_clamp is not None:
@@ -410,6 +438,8 @@ def pg_token_loss(recipe: Recipe, adv: Tensor, logp: Tensor, logp_old: Tensor, m
         loss = torch.maximum(loss, -adv * ratio.clamp(1 - lo, 1 + hi))
         if recipe.pg_dual_clip is not None:
             loss = torch.where(adv < 0, torch.minimum(loss, -adv * recipe.pg_dual_clip), loss)
+    if recipe.pg_ratio == "sequence_once":  # one loss per response: its first token's, placed once
+        loss = torch.cat([loss[..., :1], torch.zeros_like(loss[..., 1:])], -1)
     return loss
 
 
@@ -422,7 +452,9 @@ def kl_token_loss(
         return k
     if recipe.loss_weight == "score":
         return k * (logp - logp.detach()).exp()
-    rho = ((logp - logp_old) * mask).exp()
+    rho = ((logp - logp_old) * mask).exp() if recipe.pg_ratio in ("none", "token") else importance_ratio(
+        recipe, logp, logp_old, mask
+    )
     if recipe.loss_weight == "ratio":
         return k * rho
     w = rho.detach()
@@ -487,6 +519,7 @@ __all__ = [
     "kl_loss_values",
     "kl_reward_credit",
     "kl_token_loss",
+    "importance_ratio",
     "pg_token_loss",
     "sequence_values",
     "token_values",

@@ -10,7 +10,7 @@ Contract. ``FUNC(batch) -> scalar loss`` for ONE group of B responses to one pro
     rewards   (B,)   task rewards (0 with ``rewards="zero"``)
 
 Log-probs are 0 after the end. ``UserLoss`` wraps the function as an update rule of the exact engine
-(``biaslab.frameworks.engine``): it is evaluated on every enumerated group at once with ``torch.func.vmap``
+(``biaslab.exact.ExactEngine``): it is evaluated on every enumerated group at once with ``torch.func.vmap``
 when the function allows it (checked against a plain loop on the first groups), else in a loop. The expected
 gradient of the loss is compared with ``nominal * grad KL(pi || pi_ref)`` where nominal = beta * B * (the weight
 the declared aggregation ``agg`` gives one token of a full-length group): ``agg="seq-mean-token-sum"`` (the

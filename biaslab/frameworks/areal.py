@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..estimators import clamped
+from ..recipes import Recipe
 from .base import Key, Preset, PresetError
-from .engine import ExtRecipe
 
 KL = {name: clamped(name, output_clamp=10.0, name=f"{name}_areal") for name in ("k1", "k2", "k3")}
 P = "actor."
@@ -44,11 +44,11 @@ class AReaL(Preset):
             if not 0.0 <= cfg[k] <= 1.0:
                 raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         coef = float(cfg[P + "kl_ctl"])
         mean_lvl, std_lvl = cfg[P + "adv_norm.mean_level"], cfg[P + "adv_norm.std_level"]
         eps = float(cfg[P + "eps_clip"])
-        return ExtRecipe(
+        return Recipe(
             name="areal",
             reward_estimator=KL[cfg[P + "kl_estimator"]] if coef != 0 else None,
             reward_coef=coef,

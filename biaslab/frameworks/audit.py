@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..exact import ExactResult
+from ..exact import ExactEngine, ExactResult
 from ..recipes import Recipe
 from ..toy import TabularAR
 from ..varlen import enumerate_complete
 from . import get_preset
 from .base import Preset, PresetError
-from .engine import RuleEngine
 
 REWARDS = ("zero", "binary")
 SCENARIOS = (
@@ -99,9 +98,9 @@ def _row(r: ExactResult) -> dict:
 class Engines:
     """The three engines of an audit (fixed / variable length on-policy, fixed length off-policy)."""
 
-    fixed: RuleEngine
-    varlen: RuleEngine
-    offpolicy: RuleEngine
+    fixed: ExactEngine
+    varlen: ExactEngine
+    offpolicy: ExactEngine
     group: int
     rewards: str = "zero"
 
@@ -125,9 +124,9 @@ def build_engines(toy: AuditToy, group: int, rewards: str = "zero") -> Engines:
         return task_rewards(enumerate_complete(toy.vocab, toy.length, eos)[0].shape[0], toy.seed)
 
     return Engines(
-        fixed=RuleEngine(policy, ref, group_size=g, task_reward=reward(None)),
-        varlen=RuleEngine(policy, ref, eos=toy.eos, group_size=g, task_reward=reward(toy.eos)),
-        offpolicy=RuleEngine(policy, ref, behaviour=behaviour, group_size=g, task_reward=reward(None)),
+        fixed=ExactEngine(policy, ref, group_size=g, task_reward=reward(None)),
+        varlen=ExactEngine(policy, ref, eos=toy.eos, group_size=g, task_reward=reward(toy.eos)),
+        offpolicy=ExactEngine(policy, ref, behaviour=behaviour, group_size=g, task_reward=reward(None)),
         group=g,
         rewards=rewards,
     )
@@ -251,8 +250,8 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
     fixed-length toy; also the nearest that stays unbiased with variable lengths (within the depth/eval budget)."""
     policy, ref, _ = toy.models()
     g = max(1, min(group, toy.search_group))
-    fixed = RuleEngine(policy, ref, group_size=g)
-    varlen = RuleEngine(policy, ref, eos=toy.eos, group_size=g)
+    fixed = ExactEngine(policy, ref, group_size=g)
+    varlen = ExactEngine(policy, ref, eos=toy.eos, group_size=g)
     cache: dict[Recipe, tuple[ExactResult, ExactResult | None]] = {}
     best: Candidate | None = None
     best_all: Candidate | None = None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from ..recipes import Recipe
 from .base import Key, Preset, PresetError, estimator_of
-from .engine import ExtRecipe
 from .verl import KL_TYPES
 
 KL = {k: v for k, v in KL_TYPES.items() if not k.endswith("+")}
@@ -61,7 +61,7 @@ class EasyR1(Preset):
         if cfg["worker.actor.global_batch_size"] < 1 or cfg["data.rollout_batch_size"] < 1:
             raise PresetError("batch sizes must be >= 1")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["algorithm.adv_estimator"]
         on = not cfg["algorithm.disable_kl"] and float(cfg["algorithm.kl_coef"]) != 0
         use_l = on and bool(cfg["algorithm.use_kl_loss"])
@@ -69,7 +69,7 @@ class EasyR1(Preset):
         est = estimator_of(KL, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"])
         agg = AVG[cfg["worker.actor.loss_avg_mode"]]
         coef = float(cfg["algorithm.kl_coef"])
-        return ExtRecipe(
+        return Recipe(
             name="easyr1",
             reward_estimator=est if use_r else None,
             reward_coef=coef if use_r else 0.0,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..estimators import clamped
+from ..recipes import Recipe
 from .base import Key, Preset
-from .engine import ExtRecipe
 
 K3_OAT = clamped("k3", input_clamp=40.0, name="k3_oat")
 
@@ -33,10 +33,10 @@ class Oat(Preset):
     )
     search_keys = ("critic_type",)
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta, kp = float(cfg["beta"]), float(cfg["kl_penalty_coef"])
         eps = float(cfg["cliprange"])
-        return ExtRecipe(
+        return Recipe(
             name="oat",
             reward_estimator="k1" if kp != 0 else None,
             reward_coef=kp,

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..estimators import clamped
+from ..recipes import Recipe
 from .base import Key, Preset, PresetError, estimator_of
-from .engine import ExtRecipe
 
 KL_PENALTY = {"kl": "k1", "abs": "abs", "mse": "k2"}
 K3_LOSS = clamped("k3", output_clamp=10.0, name="k3_roll")
@@ -65,13 +65,13 @@ class Roll(Preset):
             if not 0.0 <= cfg[k] <= 1.0:
                 raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["adv_estimator"]
         use_r = bool(cfg["add_token_level_kl"]) and float(cfg["init_kl_coef"]) != 0
         use_l = bool(cfg["use_kl_loss"]) and float(cfg["kl_loss_coef"]) != 0
         discount = float(cfg["gamma"]) * (float(cfg["lambd"]) if adv == "gae" else 1.0)
         eps = float(cfg["pg_clip"])
-        return ExtRecipe(
+        return Recipe(
             name="roll",
             reward_estimator=estimator_of(KL_PENALTY, "kl_penalty", cfg["kl_penalty"]) if use_r else None,
             reward_coef=float(cfg["init_kl_coef"]) if use_r else 0.0,

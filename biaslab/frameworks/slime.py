@@ -18,8 +18,8 @@ import math
 from collections.abc import Mapping
 
 from ..estimators import clamped
+from ..recipes import Recipe
 from .base import Key, Preset, PresetError, estimator_of
-from .engine import ExtRecipe
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", "low_var_kl": clamped("k3", output_clamp=10.0, name="k3_outclamp")}
 ESTIMATORS = ("grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -54,7 +54,7 @@ class Slime(Preset):
             if not 0.0 <= cfg[k] <= 1.0:
                 raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["advantage-estimator"]
         est = estimator_of(KL_TYPES, "kl-loss-type", cfg["kl-loss-type"])
         reward_on = adv != "grpo" and float(cfg["kl-coef"]) != 0
@@ -69,7 +69,7 @@ class Slime(Preset):
             "reinforce_plus_plus": float(cfg["gamma"]),
             "reinforce_plus_plus_baseline": 0.0,
         }.get(adv, 1.0)
-        return ExtRecipe(
+        return Recipe(
             name="slime",
             reward_estimator=est if reward_on else None,
             reward_coef=float(cfg["kl-coef"]) if reward_on else 0.0,

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..estimators import clamped
+from ..recipes import Recipe
 from .base import Key, Preset
-from .engine import ExtRecipe
 
 K3_SWIFT = clamped("k3", input_clamp=20.0, output_clamp=10.0, name="k3_swift")
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean"}
@@ -51,7 +51,7 @@ class MsSwift(Preset):
             scale = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch"}[adv]
         return bool(kl_in_reward), scale
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
         kl_in_reward, scale = self.resolved(cfg)
         adv = cfg["advantage_estimator"]
@@ -66,7 +66,7 @@ class MsSwift(Preset):
         agg = LOSS_TYPES[cfg["loss_type"]]
         eps = float(cfg["epsilon"])
         hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
-        return ExtRecipe(
+        return Recipe(
             name="ms-swift",
             reward_estimator="k1" if in_r else None,
             reward_coef=beta if in_r else 0.0,

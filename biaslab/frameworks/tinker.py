@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..recipes import Recipe
 from .base import Key, Preset, PresetError
-from .engine import ExtRecipe
 
 
 class Tinker(Preset):
@@ -41,9 +41,9 @@ class Tinker(Preset):
             return [v for v in (1.0,) if v != cfg[name]]
         return super().search_values(name, cfg)
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         coef = float(cfg["kl_penalty_coef"])
-        return ExtRecipe(
+        return Recipe(
             name="tinker",
             reward_estimator="k1" if coef != 0 else None,
             reward_coef=coef,
@@ -53,7 +53,7 @@ class Tinker(Preset):
             baseline_on="task",
             # the batch-wide token-mean centring in its large-batch limit: a constant subtracted from every token's
             # advantage = mean-only whitening (exact for kl_discount_factor 0; with > 0 Tinker centres before
-            # discounting, the model after); group-level centring is ExtRecipe(reward_kl_center="group_token_mean")
+            # discounting, the model after); group-level centring is Recipe(reward_kl_center="group_token_mean")
             whiten=True,
             whiten_std=False,
             pg_ratio="token",

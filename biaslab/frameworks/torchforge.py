@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..recipes import Recipe
 from .base import Key, Preset
-from .engine import ExtRecipe
 
 
 class TorchForge(Preset):
@@ -26,9 +26,9 @@ class TorchForge(Preset):
     )
     search_keys = ()
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
-        return ExtRecipe(
+        return Recipe(
             name="torchforge",
             baseline="grpo",
             pg_ratio="token",

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 
 from ..recipes import Recipe
 from .base import Key, Preset, PresetError
-from .engine import ExtRecipe
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 
@@ -53,17 +52,16 @@ class TRLGRPO(Preset):
             if cfg[k] < 1:
                 raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
         eps = float(cfg["epsilon"])
         hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
         agg = LOSS_TYPES[cfg["loss_type"]]
-        return ExtRecipe(
+        return Recipe(
             name="trl-grpo",
-            is_level="sequence_mean" if cfg["importance_sampling_level"] == "sequence" else "token",
             baseline="grpo" if cfg["scale_rewards"] != "none" else "batch_mean",
             grpo_eps=1e-4,
-            pg_ratio="token",
+            pg_ratio="sequence_mean" if cfg["importance_sampling_level"] == "sequence" else "token",
             pg_clip=(eps, hi),
             pg_agg=agg,
             loss_estimator="k3" if beta != 0 else None,
@@ -194,11 +192,11 @@ class TRLRLOO(Preset):
         if cfg["num_generations"] < 2:
             raise PresetError("num_generations must be >= 2 for the leave-one-out baseline (as TRL)")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
         eps = float(cfg["epsilon"])
         hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
-        return ExtRecipe(
+        return Recipe(
             name="trl-rloo",
             reward_estimator="k1" if beta != 0 else None,
             reward_coef=beta,
@@ -206,7 +204,7 @@ class TRLRLOO(Preset):
             baseline="rloo",
             baseline_on="total",
             whiten=bool(cfg["normalize_advantages"]),
-            is_level="sequence_sum",
+            pg_ratio="sequence_once",
             pg_clip=(eps, hi),
             pg_agg="seq-mean-token-sum",
         )

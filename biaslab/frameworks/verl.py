@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from ..recipes import Recipe
 from .base import Key, Preset, PresetError, estimator_of
-from .engine import ExtRecipe
 
 KL_TYPES: dict[str, str] = {
     "kl": "k1",
@@ -114,7 +114,7 @@ class Verl(Preset):
             if cfg[k] < 1:
                 raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
-    def recipe(self, cfg: Mapping[str, object]) -> ExtRecipe:
+    def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["algorithm.adv_estimator"]
         baseline = {
             "gae": "none",
@@ -129,7 +129,7 @@ class Verl(Preset):
         lo = cfg[A + "clip_ratio_low"] if cfg[A + "clip_ratio_low"] is not None else clip
         hi = cfg[A + "clip_ratio_high"] if cfg[A + "clip_ratio_high"] is not None else clip
         use_r, use_l = cfg["algorithm.use_kl_in_reward"], cfg[A + "use_kl_loss"]
-        return ExtRecipe(
+        return Recipe(
             name="verl",
             reward_estimator=estimator_of(KL_TYPES, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"])
             if use_r
