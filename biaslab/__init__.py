@@ -46,4 +46,11 @@ __all__ = [
     "__version__",
 ]
 
-from .frameworks.audit import audit_loss as audit_loss  # noqa: E402  (biaslab.audit_loss: audit any loss)
+
+
+def __getattr__(name: str):
+    if name == "audit_loss":  # biaslab.audit_loss: audit any trainer's loss (imported on first use)
+        from .frameworks.audit import audit_loss
+
+        return audit_loss
+    raise AttributeError(f"module 'biaslab' has no attribute {name!r}")
