@@ -53,10 +53,17 @@ class Estimator:
     def __call__(self, logp: Tensor, logp_ref: Tensor) -> Tensor:
         """Evaluate and validate: the result must have the expected shape and be finite."""
         expected = logp.shape[:-1] if self.needs_full_logits else logp.shape
+        versions = (logp._version, logp_ref._version)  # in-place writes bump a tensor's version counter
         try:
             out = self.fn(logp, logp_ref)
         except Exception as exc:  # a user function failing: name it, keep the cause
             raise EstimatorError(f"estimator {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+        if (logp._version, logp_ref._version) != versions:
+            which = "logp" if logp._version != versions[0] else "logp_ref"
+            raise EstimatorError(
+                f"estimator {self.name!r} modified its input {which} in place; compute on a copy "
+                "(e.g. logp_ref = logp_ref.clone()) so the caller's log-probabilities stay intact"
+            )
         if not isinstance(out, Tensor):
             raise EstimatorError(
                 f"estimator {self.name!r} returned {type(out).__name__}, expected a torch.Tensor "

@@ -141,3 +141,15 @@ def test_verdict_is_invariant_to_the_gradient_scale():
         e = ExactEngine(policy, ref.requires_grad_(False))
         assert e.evaluate(make_config("k3", "loss", "sequence")).matches == "forward_kl"
         assert e.evaluate(make_config("k3", "both")).verdict == "unbiased"
+
+
+def test_an_estimator_that_mutates_its_inputs_is_refused():
+    """In-place edits of logp_ref would silently change every later number: refused with the input named."""
+    from biaslab.estimators import EstimatorError
+
+    def sneaky(lp, lr):
+        lr.mul_(0.5)
+        return lp - lr
+
+    with pytest.raises(EstimatorError, match="modified its input logp_ref in place"):
+        check_estimator(sneaky, "reward", models=1, model_kind="tabular")
