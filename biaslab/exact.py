@@ -238,9 +238,11 @@ class ExactResult:
 # ---------------------------------------------------------------- the engine
 
 
-def _fd_derivative(fn, x: Tensor, h: float) -> Tensor:
-    """(N, T) dF_n/dx_nt of F = fn(x) (N,) by a fourth-order central difference, one column at a time
-    (rows are independent samples)."""
+def _fd(fn, x: Tensor, h: float, columns: bool) -> Tensor:
+    """Fourth-order central difference of fn (x (N, C) -> (N,) or (N, C)): per column of x, or, with
+    ``columns=False``, all elements at once (valid for element-wise fn)."""
+    if not columns:
+        return (-fn(x + 2 * h) + 8 * fn(x + h) - 8 * fn(x - h) + fn(x - 2 * h)) / (12 * h)
     out = torch.zeros_like(x)
     for t in range(x.shape[1]):
         e = torch.zeros_like(x)
@@ -249,12 +251,13 @@ def _fd_derivative(fn, x: Tensor, h: float) -> Tensor:
     return out
 
 
-def value_derivative(fn, x: Tensor, h: float, levels: int = 4, rtol: float = 1e-6) -> Tensor:
-    """(N, T) the derivative of the *value* F = fn(x) (N,), whatever autograd tricks fn uses inside.
+def value_derivative(fn, x: Tensor, h: float, elementwise: bool = False, levels: int = 4, rtol: float = 1e-6):
+    """The derivative of the *value* of fn at x, whatever autograd tricks fn uses inside.
 
-    Autograd where it agrees with a finite difference (smooth code with honest gradients: exact), otherwise
-    (straight-through / detach tricks) the finite difference, its step shrunk by 16 up to ``levels`` times until
-    two successive steps agree (so a kink such as |delta| near 0 is not straddled)."""
+    fn maps x (N, C) to (N,) (derivative (N, C)), or element-wise to (N, C) with ``elementwise``. Autograd where it
+    agrees with a finite difference (honest gradients: exact); otherwise (straight-through / detach tricks, or a
+    kink straddled by the step) the finite difference, its step shrunk by 16 up to ``levels`` times until two
+    successive steps agree."""
     leaf = x.clone().requires_grad_(True)
     with torch.enable_grad():
         val = fn(leaf)
@@ -270,16 +273,19 @@ def value_derivative(fn, x: Tensor, h: float, levels: int = 4, rtol: float = 1e-
         with torch.no_grad():
             return fn(z)
 
-    fds = [_fd_derivative(value, x, h / 16**i) for i in range(levels)]
-    use_auto = torch.zeros_like(x, dtype=torch.bool)
-    for fd in fds:
-        use_auto |= close(auto, fd)
-    out = fds[-1].clone()
-    settled = torch.zeros_like(use_auto)
-    for a, b in zip(fds, fds[1:]):
-        pick = close(a, b) & ~settled
-        out[pick] = a[pick]
+    fd = _fd(value, x, h, not elementwise)
+    use_auto = close(auto, fd)
+    out, settled = fd.clone(), torch.zeros_like(use_auto)
+    for i in range(1, levels):
+        if bool((use_auto | settled).all()):
+            break
+        finer = _fd(value, x, h / 16**i, not elementwise)
+        use_auto |= close(auto, finer)
+        pick = close(fd, finer) & ~settled
+        out[pick] = fd[pick]
         settled |= pick
+        fd = finer
+    out[~settled] = fd[~settled]
     return torch.where(use_auto, auto, out)
 
 
@@ -380,6 +386,7 @@ class ExactEngine:
         self._level_probs: list[Tensor] | None = None
         self._jac: Tensor | None = None
         self._gram: Tensor | bool | None = None
+        self._tok_factor: Tensor | None = None
         self._max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self._value_grads: dict = {}
 
@@ -422,6 +429,10 @@ class ExactEngine:
         """(N,) ||g(y)||^2 of one response's update for coefficients (N, T) [+ (N, T, V)]: closed form for tabular
         models, torch.func otherwise."""
         if self.policy.closed_form_grads:
+            if coef.full is None:  # blocks of different tokens are different rows: sum_t a_t^2 ||e_y - p_t||^2
+                if self._tok_factor is None:
+                    self._tok_factor = self.policy.token_sq_norm_factor(self.tokens)  # (N, T)
+                return (coef.tok**2 * self._tok_factor).sum(-1)
             return self.policy.per_sample_sq_norms(self.tokens, coef.tok, coef.full)
         dense = coef.dense(self.tokens, self.V).reshape(self.N, -1)  # (N, T*V)
         gram = self.gram()
@@ -539,6 +550,11 @@ class ExactEngine:
 
         view = _R(loss_estimator=est, loss_coef=1.0, level=config.level)
         m, lr = self.mask, self._logp_ref_tok
+
+        def view_tokens(lp: Tensor) -> Tensor:  # (N, T) per-token values k(logp_t, logp_ref_t)
+            from .recipes import token_values
+
+            return token_values(est, lp, lr, m)
         w = self.weights
         if est.needs_full_logits:
             full = self._logp_full_det.clone().requires_grad_(True)
@@ -550,7 +566,20 @@ class ExactEngine:
             h = float(torch.finfo(config_dtype(config)).eps) ** 0.2
             with torch.no_grad():
                 big_k = view.kl_estimate(self.logp, lr, m)  # (N,)
-            d_tok = value_derivative(lambda lp: view.kl_estimate(lp * m, lr, m), self.logp, h) * m
+            if config.level == "sequence":  # K = k(S, S_ref) with S = sum_t logp_t: dK/dlogp_t = dK/dS
+                s_ref = lr.sum(-1, keepdim=True)  # (N, 1)
+                d_s = value_derivative(
+                    lambda s: est(s.reshape(-1), s_ref.reshape(-1)).reshape(-1, 1), self.logp.sum(-1, keepdim=True), h,
+                    elementwise=True,
+                )  # (N, 1)
+                d_tok = d_s * m
+            else:  # sum_t k(logp_t, logp_ref_t): element-wise when k is; checked against the general form
+                d_tok = value_derivative(lambda lp: view_tokens(lp * m) * m, self.logp, h, elementwise=True) * m
+                check = d_tok[: min(self.N, 64)]
+                general = value_derivative(lambda lp: view.kl_estimate(lp * m[:64], lr[:64], m[:64]),
+                                           self.logp[: check.shape[0]], h)
+                if not torch.allclose(check, general * m[: check.shape[0]], rtol=1e-6, atol=1e-12):
+                    d_tok = value_derivative(lambda lp: view.kl_estimate(lp * m, lr, m), self.logp, h) * m
             wc = None
         g = self.weighted_grad(w[:, None] * (big_k[:, None] * m + d_tok), wc)
         self._value_grads[key] = g
@@ -567,7 +596,12 @@ class ExactEngine:
             idx = (n.unsqueeze(1) // powers) % self.N  # (E, B)
             yield idx, self.prob_mu[idx].prod(-1)
 
-    def _inputs(self, idx: Tensor):
+    def _inputs(self, idx: Tensor | None):
+        """(logp, logp_mu, logp_ref, mask (E, B, T), rewards (E, B) or None) of the groups ``idx`` (E, B), or of
+        every response alone (idx None: views, no copy)."""
+        if idx is None:
+            rew = None if self.task_reward is None else self.task_reward[:, None]
+            return self.logp[:, None], self.logp_mu[:, None], self.logp_ref[:, None], self.mask[:, None], rew
         rew = None if self.task_reward is None else self.task_reward[idx]  # (E, B)
         return self.logp[idx], self.logp_mu[idx], self.logp_ref[idx], self.mask[idx], rew  # (E, B, T) each
 
@@ -587,15 +621,17 @@ class ExactEngine:
         var = max(s2 / s0 - mean**2, 0.0)
         return mean, math.sqrt(max(var, 1e-8))
 
-    def _loss_coefficients(self, config, idx: Tensor, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
+    def _loss_coefficients(self, config, idx: Tensor | None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
         lp, lo, lr, m, rew = self._inputs(idx)
         leaf = lp.clone().requires_grad_(True)  # (E, B, T)
         full = None
         if getattr(config, "needs_full_logits", False):
-            full = (self._logp_full_det[idx].requires_grad_(True), self.logp_ref_full[idx])  # (E, B, T, V)
+            lp_full = self._logp_full_det[:, None] if idx is None else self._logp_full_det[idx]
+            lr_full = self.logp_ref_full[:, None] if idx is None else self.logp_ref_full[idx]
+            full = (lp_full.clone().requires_grad_(True), lr_full)  # (E, B, T, V)
         loss = config.batch_loss(leaf, lo, lr, m, rew, whiten_stats, **({"full": full} if full else {}))  # (E,)
-        if loss.shape != idx.shape[:1]:
-            raise ValueError(f"{config.label}: the loss has shape {tuple(loss.shape)}, expected ({idx.shape[0]},)")
+        if loss.shape != lp.shape[:1]:
+            raise ValueError(f"{config.label}: the loss has shape {tuple(loss.shape)}, expected ({lp.shape[0]},)")
         if not torch.isfinite(loss).all():
             raise ValueError(f"{config.label}: the loss is non-finite (NaN/inf) for some groups")
         inputs = [leaf] if full is None else [leaf, full[0]]
@@ -609,13 +645,12 @@ class ExactEngine:
     def coefficients(self, config, idx: Tensor | None = None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
         """(a (E, B, T), c (E, B, T, V) or None): dL/dlogp of every group's loss (the KL part when a task reward
         is set); ``idx`` (E, B) response indices (default: every response alone, B = 1)."""
-        idx = torch.arange(self.N).unsqueeze(1) if idx is None else idx
         a, c = self._loss_coefficients(config, idx, whiten_stats)
         if self.task_reward is not None and hasattr(config, "without_kl"):
             a0, c0 = self._loss_coefficients(config.without_kl(), idx, whiten_stats)
             a = a - a0
             c = None if c is None else c - (0 if c0 is None else c0)
-        m = self.mask[idx]
+        m = self.mask[:, None] if idx is None else self.mask[idx]
         if c is not None:
             c = c * m.unsqueeze(-1)
         a = a * m
