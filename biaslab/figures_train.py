@@ -1,0 +1,438 @@
+"""Figures of where KL-regularised training ends up (``biaslab figures``; objective E[R] - beta KL(pi || pi_ref)).
+
+* ``train_paths``: exact expected-update flows of each configuration, reward against the reverse KL, with the
+  closed-form end points marked (V=3, T=4 tabular toy, binary reward on 10 sequences, beta 0.3);
+* ``train_entropy``: the entropy of pi over those flows;
+* ``train_fixed_point_entropy``: H(token-level forward-KL fixed point) - H(pi*) on 60 random problems per beta
+  (closed forms only);
+* ``train_collapse_beta``: the fraction of Monte Carlo runs (RLOO, Adam) whose expected reward falls below 0.01,
+  k3 in the reward against k1 in the reward, with Clopper-Pearson 95% intervals;
+* ``train_lag_grid``: collapse fractions over async lag x configuration (PPO clip 0.2, Dr. GRPO mean baseline).
+
+Every artifact is a PNG, the CSV it is drawn from and a JSON of its configuration, seeds and the biaslab version,
+written atomically. ``quick`` shrinks steps and seeds for tests. ``write_train_artifacts`` writes the same kind of
+files for one ``biaslab train --out DIR`` call.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+from . import __version__
+from .io import atomic_write_json, atomic_write_text, csv_text
+from .plotting import save_png
+
+PATH_PROBLEM = {"vocab": 3, "length": 4, "seed": 0, "kl_scale": 1.0, "reward": "binary:10", "beta": 0.3}
+PATH_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3:reward,none"
+PATH_STEPS = {False: 10_000, True: 800}
+COLLAPSE_BETAS = {False: [0.1, 0.3, 1.0, 2.0, 3.0], True: [0.3, 2.0]}
+MC_SIZES = {False: {"seeds": 64, "steps": 300}, True: {"seeds": 8, "steps": 60}}  # samples 8 per step
+LAGS = {False: [0, 2, 5, 10], True: [0, 10]}
+LAG_CONFIGS = "none,k1:reward,k1:loss,k3:loss,k3:reward"
+ENTROPY_BETAS = {False: [0.1, 0.3, 1.0, 3.0], True: [0.1, 1.0]}
+ENTROPY_PROBLEMS = {False: 60, True: 8}
+
+TARGET_MARKERS = {
+    "reverse_kl_optimum": ("*", "tab:blue"),
+    "forward_kl_optimum": ("P", "tab:brown"),
+    "forward_kl_token_fixed_point": ("X", "tab:orange"),
+    "reverse_kl_token_fixed_point": ("^", "tab:green"),
+}
+CONFIG_COLORS = {
+    "k1:reward": "tab:blue",
+    "k3:both": "tab:purple",
+    "k3:loss": "tab:orange",
+    "k3:loss:sequence": "tab:brown",
+    "k2:loss": "tab:green",
+    "k1:loss": "tab:gray",
+    "k3:reward": "tab:red",
+    "none": "black",
+}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _read(text: str) -> list[dict]:
+    """Rows of a CSV text, numbers as floats: plots show exactly what the CSV says."""
+
+    def conv(v: str) -> object:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
+
+
+def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict) -> tuple[list[Path], list[dict]]:
+    text = csv_text(rows, fields)
+    paths = [
+        atomic_write_text(out / f"{stem}.csv", text),
+        atomic_write_json(out / f"{stem}.json", {"figure": stem, "biaslab_version": __version__, **meta}),
+    ]
+    return paths, _read(text)
+
+
+# ------------------------------------------------------------------------------------------ the exact paths
+
+
+@lru_cache(maxsize=2)
+def _path_result(quick: bool):
+    from .toy import make_pair
+    from .train import TrainSetup, parse_configs, parse_reward, train
+
+    p = PATH_PROBLEM
+    policy, ref = make_pair("tabular", p["vocab"], p["length"], seed=p["seed"], kl_scale=p["kl_scale"])
+    reward = parse_reward(p["reward"], p["vocab"], p["length"], seed=p["seed"])
+    return train(TrainSetup(policy, ref, reward), parse_configs(PATH_CONFIGS), [p["beta"]], steps=PATH_STEPS[quick])
+
+
+def path_rows(result) -> list[dict]:
+    """One row per recorded step of every run (``kind`` = run) and one per target (``kind`` = target)."""
+    rows = []
+    for run in result.runs:
+        for r in run.trajectory:
+            rows.append({"kind": "run", "config": run.config, "beta": run.beta, "verdict": run.verdict, **r})
+    for beta, tg in result.targets.items():
+        for name, t in tg.items():
+            rows.append(
+                {
+                    "kind": "target",
+                    "config": name,
+                    "beta": float(beta),
+                    "step": "",
+                    **{k: t[k] for k in ("reward", "reverse_kl", "forward_kl", "entropy")},
+                }
+            )
+    return rows
+
+
+PATH_FIELDS = [
+    "kind",
+    "config",
+    "beta",
+    "step",
+    "reward",
+    "reverse_kl",
+    "forward_kl",
+    "entropy",
+    "l1_reverse_kl_optimum",
+    "l1_forward_kl_optimum",
+    "l1_forward_kl_token_fixed_point",
+    "l1_reverse_kl_token_fixed_point",
+    "verdict",
+]
+
+
+def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
+    """Run rows grouped by configuration (and beta, when there are several)."""
+    betas = {r["beta"] for r in rows if r["kind"] == "run"}
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "run":
+            key = str(r["config"]) + (f" (beta {r['beta']:g})" if len(betas) > 1 else "")
+            out.setdefault(key, []).append(r)
+    return out
+
+
+def plot_paths(ax, rows: list[dict]) -> None:
+    """Reward against reverse KL along each run, the targets as large markers."""
+    for name, rs in _by_run(rows).items():
+        color = CONFIG_COLORS.get(name.split(" ")[0])
+        ls, lw = ("--", 3.0) if name.startswith("k1:loss") else ("-", 1.2)  # drawn on top of "none", which it equals
+        ax.plot([r["reverse_kl"] for r in rs], [r["reward"] for r in rs], ls, lw=lw, color=color, label=name)
+        ax.plot(rs[-1]["reverse_kl"], rs[-1]["reward"], "o", ms=3, color=color)
+    for r in rows:
+        if r["kind"] == "target":
+            marker, color = TARGET_MARKERS[str(r["config"])]
+            ax.plot(
+                r["reverse_kl"],
+                r["reward"],
+                marker,
+                ms=13,
+                mfc="none",
+                mew=1.6,
+                color=color,
+                label=f"target: {r['config']}",
+            )
+    ax.set_xlabel("reverse KL(pi || pi_ref)")
+    ax.set_ylabel("E_pi[R]")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_entropy(ax, rows: list[dict]) -> None:
+    """Entropy of pi against the step (log x) for each run; target entropies as dotted lines."""
+    for name, rs in _by_run(rows).items():
+        color = CONFIG_COLORS.get(name.split(" ")[0])
+        ls, lw = ("--", 3.0) if name.startswith("k1:loss") else ("-", 1.2)
+        ax.plot([r["step"] + 1 for r in rs], [r["entropy"] for r in rs], ls, lw=lw, color=color, label=name)
+    for r in rows:
+        if r["kind"] == "target":
+            ax.axhline(r["entropy"], ls=":", lw=0.8, color=TARGET_MARKERS[str(r["config"])][1])
+    ax.set_xscale("log")
+    ax.set_xlabel("step + 1")
+    ax.set_ylabel("entropy of pi (nats); dotted: targets")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def train_paths(out: Path, quick: bool, progress: bool = False) -> list[Path]:
+    """Exact flows: reward against reverse KL, targets marked."""
+    rows = path_rows(_path_result(quick))
+    meta = {**PATH_PROBLEM, "configs": PATH_CONFIGS, "steps": PATH_STEPS[quick], "mode": "exact", "quick": quick}
+    paths, parsed = _write(out, "train_paths", rows, PATH_FIELDS, meta)
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    plot_paths(ax, parsed)
+    ax.set_title(
+        f"exact expected-update flows, V=3 T=4, {PATH_PROBLEM['reward']}, beta {PATH_PROBLEM['beta']}", fontsize=9
+    )
+    return [save_png(fig, out / "train_paths.png"), *paths]
+
+
+def train_entropy(out: Path, quick: bool, progress: bool = False) -> list[Path]:
+    """Exact flows: entropy over training per configuration."""
+    rows = path_rows(_path_result(quick))
+    fields = ["kind", "config", "beta", "step", "entropy", "reward", "verdict"]
+    meta = {**PATH_PROBLEM, "configs": PATH_CONFIGS, "steps": PATH_STEPS[quick], "mode": "exact", "quick": quick}
+    paths, parsed = _write(out, "train_entropy", rows, fields, meta)
+    fig = _figure(8.0, 4.0)
+    ax = fig.add_subplot()
+    plot_entropy(ax, parsed)
+    ax.set_title("entropy over training (k3 in reward collapses; k3 in loss ends above pi*)", fontsize=9)
+    return [save_png(fig, out / "train_entropy.png"), *paths]
+
+
+# ------------------------------------------------------------------------------------------ closed-form entropies
+
+
+def entropy_problem(i: int) -> tuple[int, int, str]:
+    """(V, T, reward spec) of random problem i: V, T in {3, 4}, binary or uniform rewards."""
+    V, T = 3 + i % 2, 3 + (i // 2) % 2
+    reward = "uniform" if (i // 4) % 2 else f"binary:{1 + (7 * i) % (V**T // 4)}"
+    return V, T, reward
+
+
+def fixed_point_entropy_rows(quick: bool) -> list[dict]:
+    import torch
+
+    from .fixedpoints import entropy, targets
+    from .toy import TabularAR
+    from .train import parse_reward
+
+    rows = []
+    for i in range(ENTROPY_PROBLEMS[quick]):
+        V, T, spec = entropy_problem(i)
+        ref = TabularAR.random(V, T, seed=1000 + i)
+        q_cond = [torch.softmax(x.detach(), -1) for x in ref.levels]
+        reward = parse_reward(spec, V, T, seed=1000 + i)
+        for beta in ENTROPY_BETAS[quick]:
+            tg = targets(q_cond, reward, beta)
+            h = {k: float(entropy(v)) for k, v in tg.items()}
+            rows.append(
+                {
+                    "problem": i,
+                    "vocab": V,
+                    "length": T,
+                    "reward": spec,
+                    "beta": beta,
+                    "h_pi_star": h["reverse_kl_optimum"],
+                    "h_forward_token": h["forward_kl_token_fixed_point"],
+                    "h_forward_seq": h["forward_kl_optimum"],
+                    "h_reverse_token": h["reverse_kl_token_fixed_point"],
+                    "diff": h["forward_kl_token_fixed_point"] - h["reverse_kl_optimum"],
+                }
+            )
+    return rows
+
+
+def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) -> list[Path]:
+    """H(k3-in-loss fixed point) - H(pi*) on random problems, per beta (closed forms)."""
+    rows = fixed_point_entropy_rows(quick)
+    fields = [
+        "problem",
+        "vocab",
+        "length",
+        "reward",
+        "beta",
+        "h_pi_star",
+        "h_forward_token",
+        "h_forward_seq",
+        "h_reverse_token",
+        "diff",
+    ]
+    meta = {
+        "problems": ENTROPY_PROBLEMS[quick],
+        "betas": ENTROPY_BETAS[quick],
+        "ref_seeds": "1000 + problem",
+        "quick": quick,
+    }
+    paths, parsed = _write(out, "train_fixed_point_entropy", rows, fields, meta)
+    fig = _figure(6.5, 3.6)
+    ax = fig.add_subplot()
+    betas = sorted({r["beta"] for r in parsed})
+    data = [[r["diff"] for r in parsed if r["beta"] == b] for b in betas]
+    ax.boxplot(data, tick_labels=[f"{b:g}" for b in betas])
+    for j, d in enumerate(data):
+        frac = sum(x > 0 for x in d) / len(d)
+        ax.text(j + 1, max(d), f"{100 * frac:.0f}% > 0", ha="center", va="bottom", fontsize=8)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("beta")
+    ax.set_ylabel("H(k3-in-loss fixed point) - H(pi*)  (nats)")
+    ax.set_title(f"{len(data[0])} random problems per beta (V, T in {{3, 4}})", fontsize=9)
+    return [save_png(fig, out / "train_fixed_point_entropy.png"), *paths]
+
+
+# ------------------------------------------------------------------------------------------ Monte Carlo
+
+
+def _mc(config: str, beta: float, quick: bool, **kw) -> dict:
+    from .toy import make_pair
+    from .train import MonteCarloTrainer, TabularProblem, parse_config, parse_reward
+
+    p = PATH_PROBLEM
+    policy, ref = make_pair("tabular", p["vocab"], p["length"], seed=p["seed"], kl_scale=p["kl_scale"])
+    pb = TabularProblem(ref, parse_reward(p["reward"], p["vocab"], p["length"], seed=p["seed"]))
+    start = pb.stack([lvl.detach() for lvl in policy.levels])
+    size = MC_SIZES[quick]
+    trainer = MonteCarloTrainer(pb, parse_config(config), beta, samples=8, seeds=size["seeds"], lr=0.1, seed=0, **kw)
+    run = trainer.run(start, steps=size["steps"])
+    lo, hi = run.mc["collapse_ci95"]
+    return {
+        "config": config,
+        "beta": beta,
+        "collapsed": run.mc["collapsed"],
+        "seeds": size["seeds"],
+        "fraction": run.mc["collapse_fraction"],
+        "ci_low": lo,
+        "ci_high": hi,
+        "final_reward": run.final["reward_mean_over_seeds"],
+        "diverged": run.mc["diverged"],
+    }
+
+
+MC_FIELDS = ["config", "beta", "lag", "collapsed", "seeds", "fraction", "ci_low", "ci_high", "final_reward", "diverged"]
+
+
+def train_collapse_beta(out: Path, quick: bool, progress: bool = False) -> list[Path]:
+    """Monte Carlo: collapse fraction (E[R] < 0.01) of k3 vs k1 in the reward against beta."""
+    rows = [
+        _mc(c, b, quick, baseline="rloo", optimizer="adam")
+        for c in ("k3:reward", "k1:reward")
+        for b in COLLAPSE_BETAS[quick]
+    ]
+    meta = {
+        **PATH_PROBLEM,
+        "beta": COLLAPSE_BETAS[quick],
+        **MC_SIZES[quick],
+        "samples": 8,
+        "lr": 0.1,
+        "optimizer": "adam",
+        "baseline": "rloo",
+        "seed": 0,
+        "collapse_reward": 0.01,
+        "quick": quick,
+    }
+    paths, parsed = _write(out, "train_collapse_beta", rows, MC_FIELDS, meta)
+    fig = _figure(5.5, 3.6)
+    ax = fig.add_subplot()
+    for name in ("k3:reward", "k1:reward"):
+        rs = [r for r in parsed if r["config"] == name]
+        x = [r["beta"] for r in rs]
+        y = [r["fraction"] for r in rs]
+        err = [[r["fraction"] - r["ci_low"] for r in rs], [r["ci_high"] - r["fraction"] for r in rs]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=CONFIG_COLORS[name], label=name)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("beta")
+    ax.set_ylabel("fraction of seeds with E[R] < 0.01")
+    ax.set_title(
+        f"RLOO, N=8, Adam 0.1, {MC_SIZES[quick]['steps']} steps, {MC_SIZES[quick]['seeds']} seeds "
+        "(95% Clopper-Pearson)",
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    return [save_png(fig, out / "train_collapse_beta.png"), *paths]
+
+
+def train_lag_grid(out: Path, quick: bool, progress: bool = False) -> list[Path]:
+    """Monte Carlo: collapse fractions over async lag x configuration (PPO clip 0.2, mean baseline, beta 1)."""
+    configs = LAG_CONFIGS.split(",")
+    rows = []
+    for lag in LAGS[quick]:
+        for c in configs:
+            rows.append({**_mc(c, 1.0, quick, baseline="mean", optimizer="adam", lag=lag, clip=0.2), "lag": lag})
+    meta = {
+        **PATH_PROBLEM,
+        "beta": 1.0,
+        **MC_SIZES[quick],
+        "samples": 8,
+        "lr": 0.1,
+        "optimizer": "adam",
+        "baseline": "mean",
+        "clip": 0.2,
+        "lags": LAGS[quick],
+        "seed": 0,
+        "collapse_reward": 0.01,
+        "quick": quick,
+    }
+    paths, parsed = _write(out, "train_lag_grid", rows, MC_FIELDS, meta)
+    lags = LAGS[quick]
+    grid = [
+        [next(r["fraction"] for r in parsed if r["lag"] == lag and r["config"] == c) for c in configs] for lag in lags
+    ]
+    fig = _figure(6.0, 3.2)
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="Reds", aspect="auto")
+    for i, lag in enumerate(lags):
+        for j, c in enumerate(configs):
+            r = next(r for r in parsed if r["lag"] == lag and r["config"] == c)
+            ax.text(j, i, f"{int(r['collapsed'])}/{int(r['seeds'])}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(configs)), configs, fontsize=8)
+    ax.set_yticks(range(len(lags)), [str(x) for x in lags])
+    ax.set_ylabel("async lag (steps)")
+    ax.set_title("collapse fraction (E[R] < 0.01): PPO clip 0.2, Dr. GRPO mean baseline, beta 1", fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return [save_png(fig, out / "train_lag_grid.png"), *paths]
+
+
+TRAIN_FIGURES: dict[str, Callable[..., list[Path]]] = {
+    "train_paths": train_paths,
+    "train_entropy": train_entropy,
+    "train_fixed_point_entropy": train_fixed_point_entropy,
+    "train_collapse_beta": train_collapse_beta,
+    "train_lag_grid": train_lag_grid,
+}
+
+
+# ------------------------------------------------------------------------------------------ biaslab train --out
+
+
+def write_train_artifacts(result, meta: dict, out: str | Path) -> list[Path]:
+    """``train.csv`` (every recorded step and target), ``train.json`` (meta + runs without trajectories) and
+    ``train.png`` (reward against reverse KL, entropy over training) for one ``biaslab train`` call."""
+    out = Path(out)
+    rows = path_rows(result)
+    text = csv_text(rows, PATH_FIELDS)
+    paths = [
+        atomic_write_text(out / "train.csv", text),
+        atomic_write_json(
+            out / "train.json", {"biaslab_version": __version__, "meta": meta, **result.as_dict(with_trajectory=False)}
+        ),
+    ]
+    parsed = _read(text)
+    fig = _figure(14, 4.5)
+    a, b = fig.subplots(1, 2)
+    plot_paths(a, parsed)
+    plot_entropy(b, parsed)
+    if any(math.isnan(r["reward"]) for r in parsed if isinstance(r.get("reward"), float)):
+        a.set_title("(some values are not finite)")
+    return [save_png(fig, out / "train.png"), *paths]

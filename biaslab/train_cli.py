@@ -1,0 +1,147 @@
+"""``biaslab train``: where KL-regularised training ends up, exactly (expected-update flow) or by Monte Carlo.
+
+Registered through ``biaslab.cli.PLUGINS``. The objective is E[R] - beta * KL(pi || pi_ref) (reverse KL); each
+configuration's update uses its own KL gradient estimate, and the report names the closed-form end point it reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+
+def _betas(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta expects comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("--beta needs at least one value")
+    return out
+
+
+DEFAULT_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3:reward,none"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` to the ``biaslab`` subcommands."""
+    p = sub.add_parser(
+        "train",
+        help="where training ends up: exact training dynamics (and Monte Carlo) on toys",
+        description="Train each KL configuration on an enumerable toy and report the end point it reaches.",
+    )
+    p.add_argument("--vocab", type=int, default=3, help="vocabulary size V (default 3)")
+    p.add_argument("--length", type=int, default=4, help="sequence length T (default 4)")
+    p.add_argument("--model", choices=["tabular", "neural"], default="tabular")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy pair and of the reward")
+    p.add_argument("--kl-scale", type=float, default=1.0, help="start = reference + C * noise (default 1.0)")
+    p.add_argument("--logits", help="npz in the `exact --logits` layout: policy_t is the start, ref_t the reference")
+    p.add_argument("--reward", default="binary:10", help="binary:K | uniform | zero | FILE.npy (V**T, base V)")
+    p.add_argument("--beta", type=_betas, default=[0.3], help="comma-separated KL coefficients (default 0.3)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="ESTIMATOR:PLACEMENT[:LEVEL],... or none")
+    p.add_argument("--mode", choices=["exact", "mc"], default="exact")
+    p.add_argument("--steps", type=int, default=None, help="exact: 50000 (stops earlier when converged); mc: 500")
+    p.add_argument("--tol", type=float, default=1e-12, help="exact: stop when the update is below this (relative)")
+    p.add_argument("--no-precondition", action="store_true", help="exact tabular: plain gradient ascent")
+    p.add_argument("--lr", type=float, default=None, help="step size (exact: min(1, 1/beta); mc: 0.1)")
+    p.add_argument("--samples", type=int, default=8, help="mc: samples per step and seed")
+    p.add_argument("--seeds", type=int, default=16, help="mc: independent runs (vectorized)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    p.add_argument("--baseline", choices=["none", "mean", "rloo", "grpo"], default="rloo")
+    p.add_argument("--lag", type=int, default=0, help="mc: samples come from the policy this many steps ago")
+    p.add_argument("--clip", type=float, default=None, help="mc: PPO clip epsilon on the importance ratio")
+    p.add_argument("--collapse-reward", type=float, default=0.01, help="mc: collapse when E[R] falls below this")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--no-trajectory", action="store_true", help="json: leave out the recorded trajectories")
+    p.add_argument("--out", default=None, help="also write train.png/.csv/.json into this folder")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import load_logits_npz
+    from .toy import make_pair
+    from .train import TrainSetup, parse_configs, parse_reward, train
+
+    torch.set_num_threads(1)
+    configs = parse_configs(args.configs)
+    if args.logits:
+        policy, ref = load_logits_npz(args.logits)
+    else:
+        policy, ref = make_pair(args.model, args.vocab, args.length, seed=args.seed, kl_scale=args.kl_scale)
+    V, T = policy.vocab_size, policy.length
+    reward = parse_reward(args.reward, V, T, seed=args.seed)
+    mc = {}
+    if args.mode == "mc":
+        mc = dict(
+            samples=args.samples,
+            seeds=args.seeds,
+            optimizer=args.optimizer,
+            baseline=args.baseline,
+            lag=args.lag,
+            clip=args.clip,
+            seed=args.seed,
+            collapse_reward=args.collapse_reward,
+        )
+    result = train(
+        TrainSetup(policy, ref, reward),
+        configs,
+        args.beta,
+        mode=args.mode,
+        steps=args.steps,
+        tol=args.tol,
+        precondition=not args.no_precondition,
+        lr=args.lr,
+        **mc,
+    )
+    meta = {
+        "model": "logits" if args.logits else args.model,
+        "logits": args.logits,
+        "vocab": V,
+        "length": T,
+        "seed": args.seed,
+        "kl_scale": None if args.logits else args.kl_scale,
+        "reward": args.reward,
+        "mode": args.mode,
+        "version": __version__,
+        **({"mc": mc} if mc else {}),
+    }
+    if args.out:
+        from .figures_train import write_train_artifacts
+
+        for path in write_train_artifacts(result, meta, args.out):
+            print(path, file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps({**result.as_dict(with_trajectory=not args.no_trajectory), "meta": meta}, indent=1))
+        return 0
+    print(
+        f"biaslab train: {meta['model']} toy V={V} T={T} seed {args.seed}, reward {args.reward} "
+        f"(E_ref[R] = {_ref_reward(ref, reward):.4g}), mode {args.mode}"
+    )
+    for beta in args.beta:
+        print(f"\nbeta {beta}: closed-form end points")
+        print(f"  {'target':32s} {'reward':>8s} {'rev KL':>8s} {'fwd KL':>8s} {'entropy':>8s}")
+        for name, t in result.targets[str(beta)].items():
+            print(f"  {name:32s} {t['reward']:8.4f} {t['reverse_kl']:8.4f} {t['forward_kl']:8.4f} {t['entropy']:8.4f}")
+        head = f"  {'configuration':32s} {'reward':>8s} {'rev KL':>8s} {'fwd KL':>8s} {'entropy':>8s} {'steps':>6s}"
+        print(head + "  verdict")
+        for run in result.runs:
+            if run.beta != beta:
+                continue
+            f = run.final
+            print(
+                f"  {run.config:32s} {f['reward']:8.4f} {f['reverse_kl']:8.4f} {f['forward_kl']:8.4f} "
+                f"{f['entropy']:8.4f} {run.steps:6d}  {run.verdict}"
+            )
+    return 0
+
+
+def _ref_reward(ref: object, reward: object) -> float:
+    from .fixedpoints import sequence_probs
+    from .train import cond_tables
+
+    return float(sequence_probs(cond_tables(ref)) @ reward)  # type: ignore[arg-type, operator]
