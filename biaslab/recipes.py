@@ -41,7 +41,7 @@ update is the per-sample estimate g(y) of grad KL(pi || pi_ref) of BACKGROUND se
 
 ``batch_loss`` evaluates a recipe on stacked batches (..., B, T), so the exact engine can pass every enumerated
 group at once. The gradient is an estimate of beta * grad KL(pi_theta || pi_ref) (reverse, sequence level) times
-the recipe's nominal scale (``nominal_scale``); ``biaslab.exact_recipes`` says whether it is unbiased.
+the recipe's nominal scale (``nominal_scale``); ``biaslab.exact.ExactEngine`` says whether it is unbiased.
 """
 
 from __future__ import annotations

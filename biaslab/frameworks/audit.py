@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..exact import ExactEngine, ExactResult
+from ..exact import ExactEngine, ExactResult, enumerate_complete
 from ..recipes import Recipe
 from ..toy import TabularAR
-from ..varlen import enumerate_complete
 from . import get_preset
 from .base import Preset, PresetError
 
