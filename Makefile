@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup figures test lint bench clean
+.PHONY: setup figures test lint bench notebooks lab clean
 
 $(STAMP): pyproject.toml requirements/frameworks.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,22 @@ test: $(STAMP)
 	$(BIN)/ruff check biaslab tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# targets are goals: each script exits 0 whether or not they are met (non-zero only if it crashes)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/exact.py
+	$(BIN)/python benchmarks/recipes.py
+	$(BIN)/python benchmarks/mc.py
 	$(BIN)/python benchmarks/llm.py
+
+# the notebooks in JupyterLab (installs the `notebooks` extra into .venv once)
+$(VENV)/.notebooks: $(STAMP)
+	$(BIN)/pip install -e '.[notebooks]'
+	touch $(VENV)/.notebooks
+
+notebooks: $(VENV)/.notebooks
+
+lab: $(VENV)/.notebooks
+	$(BIN)/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) .pytest_cache

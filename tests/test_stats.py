@@ -5,10 +5,21 @@ implementation, over the randomness of its seed choice)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from biaslab.stats import Moments, bias_test, binomial_bounds, mean_ci, mse_prediction, projection_matrix
+from biaslab.stats import (
+    Moments,
+    adjust_p_values,
+    bias_test,
+    binomial_bounds,
+    detectable_bias,
+    direction_tests,
+    mean_ci,
+    mse_prediction,
+    projection_matrix,
+)
 
 
 def gaussian(n, P, seed, shift=0.0, scale=1.0):
@@ -72,7 +83,7 @@ def test_detectable_bias_is_detected_with_power_point_nine():
     scales = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
     ref = torch.zeros(P, dtype=torch.float64)
     ref[0] = 1.0
-    lam = _noncentrality_for_power(P, float(n - P), alpha, 0.9) * (n - 1) / (n - P)
+    lam = _noncentrality_for_power(P, float(n - P), alpha, 0.9)  # of the F statistic: n b^T Sigma^-1 b
     d = (lam * 4.0 / n) ** 0.5  # largest per-sample variance 2.0**2, covariance of the mean / n
     probe = bias_test(gaussian(n, P, 0) * scales + ref, ref, alpha=alpha, ridge=0)
     assert abs(probe.detectable_bias / d - 1) < 0.1
@@ -104,3 +115,98 @@ def test_mean_ci_and_mse_prediction():
     m, lo, hi = mean_ci(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m == 2.5 and lo < 2.5 < hi
     assert mse_prediction(0.25, 2.0, 4) == 0.75
+
+
+def test_streaming_moments_match_numpy_with_a_large_offset():
+    """A long stream (200,000 rows, chunks of 1 to 5,000 rows) with a common offset of 1e9 and unit spread: the
+    running merge agrees with the correctly rounded mean to a few ulp, and with numpy's two-pass variance and
+    covariance to rounding, where accumulating raw sums of squares loses every digit."""
+    rng = np.random.default_rng(0)
+    x = 1e9 + rng.standard_normal((200_000, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.2], [0.0, 0.0, 2.0]])
+    sizes = rng.integers(1, 5000, size=200)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    bounds = bounds[bounds < len(x)].tolist() + [len(x)]
+    chunks = (torch.from_numpy(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+    m = Moments.accumulate(chunks)
+    assert m.n == len(x)
+    exact_mean = np.array([math.fsum(x[:, j]) / len(x) for j in range(3)])  # correctly rounded sums
+    np.testing.assert_allclose(m.mean.numpy(), exact_mean, rtol=0, atol=4 * np.spacing(1e9))  # (numpy's: 1e-5 off)
+    np.testing.assert_allclose(m.var.numpy(), x.var(0, ddof=1), rtol=1e-8)
+    np.testing.assert_allclose(m.cov.numpy(), np.cov(x.T), rtol=1e-8, atol=1e-8)
+    raw = (x * x).sum(0) - len(x) * x.mean(0) ** 2  # the textbook one-pass formula, for contrast
+    assert np.abs(raw / (len(x) - 1) - x.var(0, ddof=1)).max() > 1e-2
+    one = Moments.empty(3).update(torch.from_numpy(x[:10])).update(torch.from_numpy(x[10:20]))
+    torch.testing.assert_close(one.m2, Moments.from_samples(torch.from_numpy(x[:20])).m2, rtol=1e-6, atol=0)
+
+
+def test_detectable_bias_function_agrees_with_bias_test_and_scales():
+    P, n = 4, 400
+    scales = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    x = gaussian(n, P, 0) * scales
+    t = bias_test(x, torch.zeros(P, dtype=torch.float64), ridge=0)
+    cov = torch.cov(x.T)
+    assert detectable_bias(n, cov) == pytest.approx(t.detectable_bias, rel=1e-9)
+    pop = scales**2
+    assert detectable_bias(4 * n, pop) == pytest.approx(detectable_bias(n, pop) / 2, rel=0.01)
+    worst, best = detectable_bias(n, pop), detectable_bias(n, pop, direction=torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert worst / best == pytest.approx(4.0, rel=1e-9)  # stdev 2 against 0.5
+    assert detectable_bias(n, 1.0, alpha=0.01) > detectable_bias(n, 1.0, alpha=0.05)
+    two = detectable_bias(n, pop, n_ref=n, cov_ref=pop)  # an estimated reference doubles the variance
+    assert two == pytest.approx(math.sqrt(2) * detectable_bias(n, pop), rel=0.05)
+    assert detectable_bias(n, torch.zeros(2, 2)) == 0.0
+    with pytest.raises(ValueError):
+        detectable_bias(1, 1.0)
+
+
+def test_detectable_bias_along_a_direction_has_power_point_nine():
+    """Bias of the size ``detectable_bias(direction=u)`` along u (not the worst direction): rejections over 300
+    seeded repeats lie within binomial bounds around 0.9. Failure rate 1e-3."""
+    P, n, reps, alpha = 3, 200, 300, 0.05
+    scales = torch.tensor([1.0, 3.0, 0.7], dtype=torch.float64)
+    u = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64) / math.sqrt(2)
+    d = detectable_bias(n, scales**2, alpha, 0.9, direction=u)
+    ref = torch.zeros(P, dtype=torch.float64)
+    hits = sum(bias_test(gaussian(n, P, 500 + s) * scales + d * u, ref, alpha=alpha, ridge=0).biased
+               for s in range(reps))
+    lo, hi = binomial_bounds(reps, 0.9, 1e-3)
+    assert lo <= hits <= hi
+
+
+def test_adjust_p_values():
+    p = {"a": 0.01, "b": 0.04, "c": 0.03}
+    assert adjust_p_values(p) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert adjust_p_values(p, "bonferroni") == pytest.approx({"a": 0.03, "b": 0.12, "c": 0.09})
+    with pytest.raises(ValueError, match="holm"):
+        adjust_p_values(p, "sidak")
+
+
+# Failure rate of each calibration test below: < 1e-3 (binomial bounds at 1e-3).
+@pytest.mark.parametrize("correction, rate", [("holm", 0.05), ("bonferroni", 0.05 / 3)])
+def test_direction_tests_false_alarm_rate(correction, rate):
+    """E[g] is the direction "truth"; "far" and "zero" are always rejected. Holm then tests "truth" at the full
+    alpha (its false-alarm rate is alpha), Bonferroni at alpha / 3."""
+    reps, alpha, n, P = 300, 0.05, 200, 4
+    truth = torch.tensor([1.0, -0.5, 0.3, 0.2], dtype=torch.float64)
+    dirs = {"truth": truth, "far": -truth, "zero": torch.zeros(P, dtype=torch.float64)}
+    alarms = 0
+    for s in range(reps):
+        res = direction_tests(gaussian(n, P, 2000 + s, shift=truth), dirs, alpha, correction=correction, ridge=0)
+        assert res["far"].biased and res["zero"].biased
+        alarms += res["truth"].biased
+    lo, hi = binomial_bounds(reps, rate, 1e-3)
+    assert lo <= alarms <= hi
+
+
+def test_direction_tests_report():
+    truth = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    near = truth + 0.001  # indistinguishable at n = 100
+    samples = gaussian(100, 3, 7, shift=truth)
+    ref_samples = gaussian(300, 3, 8, shift=truth)  # a sampled direction: two-sample test
+    res = direction_tests(samples, {"zero": torch.zeros(3), "near": near, "truth": truth, "sampled": ref_samples})
+    assert set(res.consistent) >= {"near", "truth", "sampled"} and "zero" not in res.consistent
+    assert res.closest in ("near", "truth", "sampled")
+    assert res["sampled"].n_ref == 300 and res["zero"].extra["p_adjusted"] >= res["zero"].p_value
+    d = res.as_dict()
+    assert d["consistent"] == res.consistent and d["tests"]["truth"]["p_adjusted"] <= 1.0
+    with pytest.raises(ValueError):
+        direction_tests(samples, {})
