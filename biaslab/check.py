@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .estimators import Estimator, EstimatorError, get_estimator
 from .exact import EnumerationTooLarge, ExactEngine, check_enumerable
 from .placements import KLConfig, make_config
-from .stats import bias_test, mean_ci
+from .stats import Moments, bias_test
 from .toy import AutoregressiveModel, TabularAR, make_pair
 from .verdict import DIRECTIONS, tolerance
 
@@ -222,15 +223,26 @@ def _check_exact(config: KLConfig, baseline: KLConfig, label: str, policy, ref) 
     )
 
 
+def _ci_along(m: Moments, u: Tensor, shift: float, scale: float, alpha: float) -> tuple[float, float, float]:
+    """(mean, low, high): normal (1 - alpha) interval of E[(u . g - shift) / scale] from streamed moments."""
+    from scipy import stats as st
+
+    mean = (float(u @ m.mean) - shift) / scale
+    se = math.sqrt(max(float(u @ m.cov @ u), 0.0) / m.n) / scale
+    h = st.norm.ppf(1 - alpha / 2) * se
+    return mean, mean - h, mean + h
+
+
 def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: int, alpha: float, seed: int,
               progress: bool = False):
-    """Monte Carlo check on one model at level ``alpha`` (already Bonferroni-corrected by the caller)."""
+    """Monte Carlo check on one model at level ``alpha`` (already Bonferroni-corrected by the caller). Every
+    sample set is streamed into ``Moments`` chunk by chunk: memory does not grow with n."""
     from .montecarlo import MonteCarloEngine
 
     mc = MonteCarloEngine(policy, ref)
     gen = torch.Generator().manual_seed(seed)
-    x = mc.sample_grads(config, n, gen, progress=progress)  # (n, P)
-    var_base = float(mc.sample_grads(baseline, min(n, 20_000), gen).var(0).sum())
+    x = mc.moments(config, n, gen, progress=progress)  # Moments of (n, P) samples
+    var_base = mc.moments(baseline, min(n, 20_000), gen).var_trace
     along = None
     if _enumerable(policy):
         engine = ExactEngine(policy, ref)
@@ -243,7 +255,7 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
         b = exact_result.expected_grad - truth
         if rel_exact > 1e-9:  # a fixed direction (the exact bias): CI of the bias along it, exact value inside
             u = b / b.norm()
-            along = mean_ci((x @ u - float(truth @ u)) / float(truth.norm()), alpha)
+            along = _ci_along(x, u, float(truth @ u), float(truth.norm()), alpha)
     else:
         rel_exact = math.nan
         with torch.no_grad():
@@ -251,19 +263,14 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
             lp = policy.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
             lr = ref.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
         kl = float((lp - lr).mean())  # unbiased k1 estimate of the sequence KL
-        refs = {
-            "reverse_kl": (None, mc.reference_grads(n, gen)),
-            "forward_kl": (None, mc.forward_kl_grads(n, gen)),
-            "forward_kl_token": (None, mc.token_direction_grads("forward_kl_token", n, gen)),
-            "reverse_kl_token": (None, mc.token_direction_grads("reverse_kl_token", n, gen)),
-            "zero": (torch.zeros(x.shape[1], dtype=torch.float64), None),
-        }
+        refs = {name: (None, mc.direction_moments(name, n, gen))
+                for name in ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token")}
+        refs["zero"] = (torch.zeros(x.dim, dtype=torch.float64), None)
     tests = {name: bias_test(x, d, reference_samples=s, alpha=alpha, seed=seed) for name, (d, s) in refs.items()}
     main = tests["reverse_kl"]
     consistent = [name for name, t in tests.items() if not t.biased]
-    xbar = x.mean(0)
-    centres = {name: (d if d is not None else s.mean(0)) for name, (d, s) in refs.items()}
-    closest = min(centres, key=lambda name: float((xbar - centres[name]).norm()))  # Euclidean, point estimate
+    centres = {name: (d if d is not None else s.mean) for name, (d, s) in refs.items()}
+    closest = min(centres, key=lambda name: float((x.mean - centres[name]).norm()))  # Euclidean, point estimate
     return ModelCheck(
         label,
         "biased" if main.biased else "no bias detected",

@@ -456,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         command = f"biaslab {args.command}"
         _check_values(args, parser)
+        if args.command in ("table", "exact", "check", "audit", "train"):  # toy problems: the thread policy
+            from .threads import thread_policy, work_size
+
+            V, T = getattr(args, "vocab", None) or 3, getattr(args, "length", None) or 3
+            thread_policy(work_size(V ** min(T, 40), T, V))
         status = int(args.func(args) or 0)
         sys.stdout.flush()
         return status

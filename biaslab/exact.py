@@ -23,6 +23,7 @@ with a = dL/dlogp (and c = dL/dlogp_full for estimators that read whole distribu
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -119,6 +120,7 @@ def enumerate_complete(vocab_size: int, length: int, eos: int | None = None) -> 
 # ---------------------------------------------------------------- precision of user code
 
 
+@functools.lru_cache(maxsize=256)
 def estimator_dtype(est) -> torch.dtype:
     """The precision an estimator computes in: its output dtype on float64 inputs, or float32 when a float64
     output holds only float32-representable values (a function that casts internally)."""
@@ -457,6 +459,8 @@ class ExactEngine:
 
     def jacobian(self) -> Tensor:
         """(N, T, P) grad_theta log pi(y_t | y_<t) for every response token (0 on padding), by torch.func."""
+        if self._jac is None and self.policy.closed_form_grads and hasattr(self.policy, "token_logp_jacobian"):
+            self._jac = self.policy.token_logp_jacobian(self.tokens, self.mask)  # closed form, no torch.func
         if self._jac is None:
             from torch.func import functional_call, jacrev
 
@@ -704,9 +708,13 @@ class ExactEngine:
         return ExactResult(config, mean.detach(), variance, nominal, info)
 
     def evaluate_all(self, configs: list, progress: bool = False) -> list[ExactResult]:
+        """``evaluate`` every configuration, under the thread policy for the enumeration's size."""
         from tqdm.auto import tqdm
 
-        return [self.evaluate(c) for c in tqdm(configs, desc="exact", disable=not progress, leave=False)]
+        from .threads import small_problem_threads, work_size
+
+        with small_problem_threads(work_size(self.N * self.B, self.T, self.V)):
+            return [self.evaluate(c) for c in tqdm(configs, desc="exact", disable=not progress, leave=False)]
 
 
 __all__ = [

@@ -205,10 +205,24 @@ class MonteCarloEngine:
         progress: bool = False,
     ) -> Moments:
         """Streaming ``Moments`` of the per-sample gradients (memory independent of n)."""
-        m = Moments(0, torch.zeros(0), torch.zeros(0))
-        for g in self.iter_grads(config, n, generator, batch_size, projection, progress):
-            m = m.merge(Moments.from_samples(g))
-        return m
+        return Moments.accumulate(self.iter_grads(config, n, generator, batch_size, projection, progress))
+
+    def direction_moments(
+        self, name: str, n: int, generator: torch.Generator, batch_size: int = 4096, projection: Tensor | None = None
+    ) -> Moments:
+        """Streaming ``Moments`` of n samples of an unbiased estimator of a named direction: ``reverse_kl``
+        (``reference_grads``), ``forward_kl``, ``forward_kl_token``, ``reverse_kl_token`` (memory independent of n).
+        """
+        draw = {
+            "reverse_kl": lambda m: self.reference_grads(m, generator, projection),
+            "forward_kl": lambda m: self.forward_kl_grads(m, generator, projection),
+            "forward_kl_token": lambda m: self.token_direction_grads("forward_kl_token", m, generator, projection),
+            "reverse_kl_token": lambda m: self.token_direction_grads("reverse_kl_token", m, generator, projection),
+        }
+        if name not in draw:
+            raise ValueError(f"unknown direction {name!r}; choose one of: {', '.join(draw)}")
+        sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+        return Moments.accumulate(draw[name](m) for m in sizes)
 
     # -------------------------------------------------------------- reference directions by sampling
 
