@@ -1,6 +1,6 @@
 """Benchmark the exact recipe engine and the `biaslab audit` process.
 
-Measured (public API only: ``biaslab.exact.ExactEngine`` (the one engine, formerly RecipeEngine), ``biaslab.recipes.Recipe``, the CLI):
+Measured (public API only: ``biaslab.exact.ExactEngine``, ``biaslab.recipes.Recipe``, the CLI):
   * ``RecipeEngine.evaluate`` of one GRPO-style recipe (k3 in the reward, GRPO baseline, PPO clip, token-mean) over
     every group of B = 3 fixed-length responses of the tabular toy V=4, T=3: N = 64 responses, N**3 = 262,144
     groups; the engine's construction (enumeration and Jacobian) separately;
