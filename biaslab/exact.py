@@ -389,6 +389,7 @@ class ExactEngine:
         self._jac: Tensor | None = None
         self._gram: Tensor | bool | None = None
         self._tok_factor: Tensor | None = None
+        self._pair_gram: Tensor | bool | None = None
         self._max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self._value_grads: dict = {}
 
@@ -677,16 +678,33 @@ class ExactEngine:
             return mean, second, (None if stats is None else stats[1])
         if getattr(config, "needs_full_logits", False):
             raise ValueError("groups of B > 1 take per-token estimators only (no full-logit estimator)")
-        jac = self.jacobian()  # (N, T, P)
-        chunk = chunk or max(1, int(2e7 // (self.B * self.T * max(self.P, 1))))
+        gram = self.pair_gram()  # (N, T, N, T) or None
+        jac = self.jacobian() if gram is None else None  # (N, T, P)
+        per = self.B * self.T * (self.B * self.T if gram is not None else max(self.P, 1))
+        chunk = chunk or max(1, int(2e7 // per))
         acc = torch.zeros(self.N, self.T, dtype=DTYPE)  # per-response coefficients weighted by group probability
         second = 0.0
         for idx, prob in self._group_chunks(chunk):
             a, _ = self.coefficients(config, idx, stats)  # (E, B, T)
             acc.index_add_(0, idx.reshape(-1), (prob[:, None, None] * a).reshape(-1, self.T))
-            g = torch.einsum("ebt,ebtp->ep", a, jac[idx])  # (E, P) one update per group
-            second += float(prob @ (g**2).sum(-1))
+            if gram is not None:  # ||g||^2 = sum_{b,c} a_b^T G[y_b, y_c] a_c, no per-group P-vector
+                blocks = gram[idx[:, :, None], :, idx[:, None, :], :]  # (E, B, B, T, T)
+                second += float(prob @ torch.einsum("ebt,ebcts,ecs->e", a, blocks, a))
+            else:
+                g = torch.einsum("ebt,ebtp->ep", a, jac[idx])  # (E, P) one update per group
+                second += float(prob @ (g**2).sum(-1))
         return self.weighted_grad(acc, None), second, (None if stats is None else stats[1])
+
+    def pair_gram(self) -> Tensor | None:
+        """(N, T, N, T) inner products grad log pi(y_t|y_<t) . grad log pi(y'_s|y'_<s) of every pair of response
+        tokens (groups of B > 1), built once from the Jacobian; None when it would exceed 256 MiB."""
+        if self._pair_gram is None:
+            if (self.N * self.T) ** 2 * 8 > 2**28:
+                self._pair_gram = False
+            else:
+                j = self.jacobian().reshape(self.N * self.T, -1)  # (N T, P)
+                self._pair_gram = (j @ j.T).view(self.N, self.T, self.N, self.T)
+        return self._pair_gram if self._pair_gram is not False else None
 
     def expected_grad(self, config) -> Tensor:
         """(P,) E[g] over groups drawn from mu."""
