@@ -253,6 +253,16 @@ class Recipe:
             return self.name
         return self.describe()
 
+    @property
+    def is_plain(self) -> bool:
+        """The basic form of ``make_config``: no baseline, ratio, weight, centring, whitening; token-sum; full
+        discount (its update on one response is the surrogate of BACKGROUND section 3)."""
+        return (
+            self.baseline == "none" and self.pg_ratio == "none" and self.pg_agg == "token-sum"
+            and self.loss_agg == "token-sum" and self.loss_weight == "none" and not self.whiten
+            and self.reward_kl_center == "none" and self.reward_lambda == 1.0 and self.reward_kl_at == "behaviour"
+        )
+
     def kl_estimate(self, logp: Tensor, logp_ref: Tensor, mask: Tensor | None = None, full=None) -> Tensor:
         """(...,) the per-response KL estimate K(y) of ``estimator`` at this level (differentiable through logp).
 
@@ -274,8 +284,19 @@ class Recipe:
 
     def surrogate(self, batch: TokenBatch, mask: Tensor | None = None) -> Tensor:
         """(N,) per-sample loss: every sample its own group of one, on-policy; its gradient is g(y)."""
-        lp = batch.logp.unsqueeze(1)  # (N, 1, T)
         mask = torch.ones_like(batch.logp) if mask is None else mask
+        if self.is_plain:  # REINFORCE on one response, token-sum: S = beta_r sum_t sg(c_t) logp_t + beta_l K
+            full = (batch.logp_full, batch.logp_ref_full) if self.needs_full_logits else None
+            s = torch.zeros(batch.logp.shape[:-1], dtype=batch.logp.dtype)
+            if self.has_reward_kl:
+                det = None if full is None else (full[0].detach(), full[1])
+                c, _ = kl_reward_credit(self, batch.logp.detach(), batch.logp_ref, mask, det)  # (N, T)
+                s = s + self.reward_coef * (c * batch.logp * mask).sum(-1)
+            if self.has_loss_kl:
+                k = kl_loss_values(self, batch.logp, batch.logp_ref, mask, full)  # (N, T)
+                s = s + self.loss_coef * (k * mask).sum(-1)
+            return s
+        lp = batch.logp.unsqueeze(1)  # (N, 1, T)
         full = None
         if self.needs_full_logits:
             full = (batch.logp_full.unsqueeze(1), batch.logp_ref_full.unsqueeze(1))  # (N, 1, T, V) each

@@ -256,3 +256,19 @@ def test_config_label_and_credit_collapse():
     cfg = make_config("k3", "loss", "token", "full")
     assert cfg.credit is None and cfg.label == "k3 in loss (token)"
     assert len(all_configs(("k1",))) == 10
+
+
+@pytest.mark.parametrize("model", ["tabular", "neural"])
+def test_plain_surrogate_equals_the_general_update_rule(model):
+    """make_config's fast per-sample surrogate and the general Recipe.batch_loss give the same coefficients."""
+    from biaslab.placements import surrogate_coefficients
+
+    policy, ref = make_pair(model, 3, 3, seed=8, kl_scale=0.9)
+    e = ExactEngine(policy, ref)
+    for cfg in all_configs(("k1", "k2", "k3", "abs", "rb", "k3_st_k2")):
+        assert cfg.is_plain
+        fast = surrogate_coefficients(cfg, e.tokens, e._logp_full_det, e.logp_ref_full)
+        a, c = e.coefficients(cfg)  # through batch_loss (groups of one)
+        torch.testing.assert_close(fast.tok, a[:, 0], rtol=1e-12, atol=1e-13)
+        if c is not None:
+            torch.testing.assert_close(fast.full, c[:, 0], rtol=1e-12, atol=1e-13)
