@@ -145,6 +145,7 @@ def exact_verdict(
         out.verdict = "unbiased"
     elif gnorm <= tol * tnorm + floor:
         out.verdict = "zero"
+        out.scale = 0.0  # E g = 0: what remains is round-off
         out.matches = {"zero": 1.0}
         return out  # round-off has no other direction
     out.cos_reverse = _cos(mean, rev)

@@ -123,7 +123,7 @@ def _text(report: dict) -> str:
     if report["verdict"] == "no_kl":
         lines.append("verdict: no KL term (nothing to audit)")
     else:
-        lines.append(f"{'':34s}{'verdict':10s}{'direction':38s}{'rel_bias':>10s}{'scale':>9s}{'variance':>11s}")
+        lines.append(f"{'':34s}{'verdict':10s}{'direction':38s}{'rel_bias':>11s}{'scale':>11s}{'variance':>11s}")
         off = report["off_policy"] or {}
         off_label = (
             "off-policy (one update/rollout)"
@@ -137,8 +137,8 @@ def _text(report: dict) -> str:
         ):
             r = report[key]
             lines.append(
-                f"{label:34s}{r['verdict']:10s}{r['direction']:38s}{_num(r['rel_bias']):>10s}"
-                f"{_num(r['scale']):>9s}{_num(r['variance']):>11s}"
+                f"{label:34s}{r['verdict']:10s}{r['direction']:38s} {_num(r['rel_bias']):>10s}"
+                f" {_num(r['scale']):>10s} {_num(r['variance']):>10s}"
             )
         near = report.get("nearest_unbiased")
         if report["verdict"] == "unbiased":
