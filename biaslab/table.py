@@ -70,8 +70,6 @@ def to_markdown(results: list[ExactResult], engine: ExactEngine, title: str = ""
         f"||grad KL|| = {float(tr.grad_reverse.norm()):.6g}.",
         "rel_bias = ||E[g] - grad KL(pi||pi_ref)|| / ||grad KL(pi||pi_ref)||; variance = E||g - E[g]||^2; "
         "cos_* = cosine of E[g] with the reverse / forward KL gradient.",
-        "" if not tr.undefined else "**The policy equals the reference: the true gradient is zero and every verdict "
-        "is undefined.**",
         "",
         "| estimator | placement | level | credit | rel. bias | cos reverse | cos forward | variance | verdict "
         "| E[g] equals |",
@@ -86,6 +84,9 @@ def to_markdown(results: list[ExactResult], engine: ExactEngine, title: str = ""
         )
     lines += ["", "Directions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in DIRECTIONS.items()] + ["- `none`: none of the above", ""]
+    if tr.undefined:
+        lines.insert(4 if title else 2, "**The policy equals the reference: the true gradient is zero and every "
+                     "verdict is undefined.**")
     return "\n".join(lines)
 
 

@@ -157,7 +157,7 @@ def exact_verdict(
             continue
         s = float(mean @ d) / dd
         cos = float(mean @ d) / (gnorm * math.sqrt(dd))
-        if cos > best_cos:
+        if cos > best_cos + 1e-12:  # ties (equal directions) go to the first named
             best, best_cos = name, cos
         if s > 0 and float((mean - s * d).norm()) <= tol * gnorm + floor:
             out.matches[name] = s / nominal
