@@ -1,22 +1,28 @@
-"""Speed of the real-LLM statistics pass (``biaslab.llm``), as ratios to baselines measured in the same run.
+"""Speed and peak memory of the real-LLM statistics pass (``biaslab.llm``), as ratios to baselines measured in the
+same run.
 
 For one batch of B responses of L tokens the statistics pass scores them under pi_ref and pi_theta and computes
-the per-sample gradient of every configuration (plus the reference and the token-level forward direction) on the
-parameter subset. It is compared with
+the per-sample gradient of every configuration and of the reference on the parameter subset (token coefficients
+that coincide share one backward pass). It is compared with
 
 * one plain forward + backward of the same batch (the cost of a training step's KL term, no per-sample gradients);
 * the naive per-sample loop: the same per-sample gradients from one backward pass per sample and configuration.
 
-Prints sequences/s and tokens/s of each, the ratios, and the device (the GPU's name when one is used).
+Each is run once to warm up, then ``--repeats`` (>= 5) times; min and median are printed with sequences/s and
+tokens/s, the thread setting, the device (the GPU's name when one is used) and peak memory: the CUDA allocator's
+peak per phase on a GPU, the process's resident high-water mark (ru_maxrss, cumulative) on CPU.
 
-    python benchmarks/llm.py                                # tiny random Llama, CPU (or CUDA when available)
-    python benchmarks/llm.py --model smollm2 --batch 8 --max-new-tokens 16 --device cuda --dtype bfloat16
+    OMP_NUM_THREADS=1 python benchmarks/llm.py                      # tiny random Llama (vocab 4096), CPU
+    python benchmarks/llm.py --model smollm2 --batch 8 --max-new-tokens 64 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import resource
+import statistics
 import time
 
 import torch
@@ -25,24 +31,33 @@ import torch
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"cpu: {platform.processor() or platform.machine()}"
 
 
-def timed(fn, device: str, repeats: int) -> float:
+def peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def timed(fn, device: str, repeats: int) -> tuple[float, float, float]:
+    """(min, median) seconds over ``repeats`` runs after one warm-up, and the phase's peak memory in GiB."""
     fn()  # warm-up
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), peak_memory_gib(device)
 
 
 def main() -> None:
-    from biaslab.llm.policy import reference_mode
-    from biaslab.llm.run import LLMOptions, _generate, build, masked_logp, sample_grads
+    from biaslab.llm.run import LLMOptions, _generate, _ref_logp_full, build, masked_logp, parse_config, sample_grads
     from biaslab.llm.sample import score_logits
     from biaslab.placements import TokenBatch
 
@@ -50,12 +65,15 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-random")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--params", default="lora")
+    ap.add_argument("--params", default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=256, help="tiny random models only")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--loop-repeats", type=int, default=1, help="repeats of the slow naive loop (after a warm-up)")
+    ap.add_argument("--vocab", type=int, default=4096, help="tiny random models only")
     args = ap.parse_args()
+    if args.repeats < 5:
+        ap.error("--repeats must be >= 5")
 
     opts = LLMOptions(model=args.model, samples=args.batch, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
                       params=args.params, device=args.device, dtype=args.dtype, vocab_size=args.vocab,
@@ -64,17 +82,16 @@ def main() -> None:
     model, psg = setup.loaded.model, setup.psg
     gen = _generate(setup, opts, 0, args.batch, 1)
     n_seq, n_tok = args.batch, gen.n_tokens
-    first_cfg = next(iter(setup.configs.values()))
+    first = parse_config(opts.configs[0]).recipe
 
     def plain() -> None:  # one forward + backward of one configuration's summed surrogate
-        with torch.no_grad(), reference_mode(model):
-            lr = torch.log_softmax(score_logits(model, gen, args.dtype), -1)
+        lr = _ref_logp_full(setup, gen, args.dtype)
         for p in psg.subset.params:
             p.requires_grad_(True)
             p.grad = None
         lp = torch.log_softmax(score_logits(model, gen, args.dtype), -1)
         mask = gen.mask.to(lp.dtype)
-        first_cfg.surrogate(TokenBatch(gen.completion, masked_logp(lp, lr.to(lp.dtype), mask), lr)).sum().backward()
+        first.surrogate(TokenBatch(gen.completion, masked_logp(lp, lr.to(lp.dtype), mask), lr)).sum().backward()
 
     def stats_pass() -> dict:
         psg.subset.method = method
@@ -85,23 +102,28 @@ def main() -> None:
     t_stats = timed(stats_pass, args.device, args.repeats)
     fast = stats_pass()
     method = "loop"
-    t_loop = timed(stats_pass, args.device, max(1, args.repeats // 2))
+    t_loop = timed(stats_pass, args.device, args.loop_repeats)
     slow = stats_pass()
     err = max(float((fast[k] - slow[k]).abs().max() / slow[k].abs().max().clamp_min(1e-30)) for k in fast)
 
     n_grads = len(fast)
-    print(f"device: {device_name(args.device)}; model {args.model} ({setup.loaded.info['class']}), dtype {args.dtype}")
-    print(f"batch {n_seq} sequences, {n_tok} response tokens; params {args.params}: {psg.subset.numel} numbers"
+    print(f"device: {device_name(args.device)}; torch threads {torch.get_num_threads()} "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); model {args.model} "
+          f"({setup.loaded.info['class']}, vocab {setup.loaded.vocab_size}), dtype {args.dtype}")
+    print(f"batch {n_seq} sequences, {n_tok} response tokens; params {psg.subset.numel} numbers"
           + (f" projected on {psg.sketch.k}" if psg.sketch is not None else "")
           + f"; {n_grads} per-sample gradient sets ({len(setup.configs)} configurations + reference + forward-token)")
-    rows = [("plain forward+backward (1 config)", t_plain), ("statistics pass (hooks)", t_stats),
-            ("naive per-sample loop", t_loop)]
-    for name, t in rows:
-        print(f"  {name:36s} {t * 1e3:10.1f} ms  {n_seq / t:9.2f} seq/s  {n_tok / t:10.1f} tok/s")
-    print(f"ratio statistics pass / plain forward+backward: {t_stats / t_plain:.2f}x the time "
-          f"({t_stats / t_plain / n_grads:.2f}x per gradient set)")
-    print(f"ratio naive per-sample loop / statistics pass: {t_loop / t_stats:.2f}x (speed-up of the hooks)")
+    print(f"  {'phase':36s} {'min ms':>10s} {'median ms':>10s} {'seq/s':>9s} {'tok/s':>10s} {'peak GiB':>9s}")
+    for name, (t_min, t_med, mem) in (("plain forward+backward (1 config)", t_plain),
+                                      ("statistics pass (hooks)", t_stats), ("naive per-sample loop", t_loop)):
+        print(f"  {name:36s} {t_min * 1e3:10.1f} {t_med * 1e3:10.1f} {n_seq / t_med:9.2f} {n_tok / t_med:10.1f} "
+              f"{mem:9.3f}")
+    print(f"ratio statistics pass / plain forward+backward (medians): {t_stats[1] / t_plain[1]:.2f}x the time "
+          f"({t_stats[1] / t_plain[1] / n_grads:.2f}x per gradient set)")
+    print(f"ratio naive per-sample loop / statistics pass (medians): {t_loop[1] / t_stats[1]:.2f}x")
     print(f"max relative difference hooks vs loop: {err:.2e}")
+    if not args.device.startswith("cuda"):
+        print("peak memory on CPU is the process's resident high-water mark so far (cumulative over phases)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Two processes (torch.distributed, gloo, as under torchrun) give bit for bit the statistics of one process.
 
-Each rank computes its share of the global chunks (rank 0: chunks 0 and 2, rank 1: chunk 1); every chunk's
-``stats.Moments`` are gathered and merged in chunk order, so the merged sufficient statistics, and every number
-of the report, are identical to a single process's on the same samples.
+Each rank computes its share of the global chunks of each sample set (rank 0: chunks 0 and 2, rank 1: chunk 1);
+every sample has its own counter-based random stream, so the per-sample gradient rows gathered in sample order,
+and every number of the report, are identical to a single process's.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ pytest.importorskip("transformers", reason="the llm extra is not installed: pip 
 
 from biaslab.llm.run import LLMOptions, collect, summarize  # noqa: E402
 
-OPTS = dict(model="tiny-random", vocab_size=16, max_new_tokens=4, samples=12, batch_size=4, params="last-layer",
-            max_dense=256, projections=32, configs=("k1:reward", "k3:loss", "k2:loss:sequence"), progress=False)
+OPTS = dict(model="tiny-random", vocab_size=16, max_new_tokens=4, samples=12, direction_samples=12, batch_size=4,
+            params="last-layer", max_dense=256, projections=32, configs=("k1:reward", "k3:loss", "k2:loss:sequence"),
+            progress=False, bootstrap=200, numeric_floor=False)
 
 
 def _free_port() -> int:
@@ -29,23 +30,26 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import warnings
+
     import torch.distributed as dist
 
+    warnings.simplefilter("ignore")
     torch.set_default_dtype(torch.float64)  # as the test process (conftest): results must not depend on it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         opts = LLMOptions(**OPTS)
-        merged, setup, timing = collect(opts)
-        report = summarize(merged, setup, opts, timing)
+        rows, setup, timing = collect(opts)
         if rank == 0:
-            torch.save({"states": {k: m.state() for k, m in merged.items()}, "report": report}, out)
+            torch.save({"rows": rows, "report": summarize(rows, setup, opts, timing)}, out)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:--samples")
 def test_two_processes_equal_one(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
@@ -55,16 +59,16 @@ def test_two_processes_equal_one(tmp_path):
     torch.set_num_threads(1)  # as the workers
     try:
         opts = LLMOptions(**OPTS)
-        merged, setup, timing = collect(opts)
+        rows, setup, timing = collect(opts)
     finally:
         torch.set_num_threads(threads)
     assert setup.psg.sketch is not None and setup.psg.subset.method == "hooks"
-    assert set(merged) == set(two["states"])
-    for key, m in merged.items():
-        for name, t in m.state().items():
-            assert torch.equal(t, two["states"][key][name]), (key, name)
-    one = summarize(merged, setup, opts, timing)
-    for a, b in zip(one["configs"], two["report"]["configs"]):
-        assert a == b
+    assert set(rows) == set(two["rows"])
+    for part, d in rows.items():
+        assert set(d) == set(two["rows"][part])
+        for key, t in d.items():
+            assert torch.equal(t, two["rows"][part][key]), (part, key)
+    one = summarize(rows, setup, opts, timing)
+    assert one["configs"] == two["report"]["configs"]
     assert one["sequence_kl"] == two["report"]["sequence_kl"] and one["values"] == two["report"]["values"]
-    assert merged["values"].n == 12
+    assert rows["main"]["values"].shape == (12, 8)

@@ -11,14 +11,15 @@ import json
 import sys
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .models import LLMError
-    from .run import LLMOptions, run_llm
+def _options(args: argparse.Namespace, **over) -> object:
+    from .run import LLMOptions
 
-    opts = LLMOptions(
-        model=args.model,
+    kw = dict(
+        model=args.policy or args.model,
+        reference=args.reference,
         prompts=args.prompts,
         samples=args.samples,
+        direction_samples=args.direction_samples,
         max_new_tokens=args.max_new_tokens,
         params=args.params,
         configs=tuple(c for c in args.configs.split(",") if c.strip()),
@@ -28,14 +29,53 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lora_rank=args.lora_rank,
         perturb=args.perturb,
+        target_kl=args.target_kl,
         train_steps=args.train_steps,
         projections=args.projections,
         max_dense=args.max_dense,
         alpha=args.alpha,
+        allow_tf32=args.allow_tf32,
+        bootstrap=args.bootstrap,
+        eos=False if args.no_eos else None,
         progress=not args.no_progress,
     )
+    kw.update(over)
+    return LLMOptions(**kw)
+
+
+def _floats(text: str, name: str) -> list[float]:
+    from .models import LLMError
+
     try:
-        report = run_llm(opts)
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LLMError(f"{name} {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise LLMError(f"{name} {text!r}: expected positive numbers")
+    return vals
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .models import LLMError
+    from .run import run_llm
+
+    try:
+        if args.sweep_kl or args.sweep_lengths:
+            from .sweep import run_sweep
+
+            kls = _floats(args.sweep_kl, "--sweep-kl") if args.sweep_kl else [args.target_kl]
+            lengths = [int(x) for x in _floats(args.sweep_lengths, "--sweep-lengths")] if args.sweep_lengths \
+                else [args.max_new_tokens]
+            if any(k is None for k in kls):
+                raise LLMError("--sweep-lengths without --sweep-kl needs --target-kl")
+            report = run_sweep(lambda **over: _options(args, **over), kls, lengths, args.perturb_seeds,
+                               args.out or None)
+        elif args.perturb_seeds > 1:
+            from .sweep import run_seeds
+
+            report = run_seeds(lambda **over: _options(args, **over), args.perturb_seeds)
+        else:
+            report = run_llm(_options(args))
     except LLMError as exc:
         print(f"biaslab llm: error: {exc}", file=sys.stderr)
         return 2
@@ -45,41 +85,56 @@ def _run(args: argparse.Namespace) -> int:
         shutdown()
     if report is None:  # not rank 0
         return 0
-    written = []
-    if args.out:
+    if args.out and "configs" in report:
         from .figure import write_figure
 
-        written = [str(p) for p in write_figure(report, args.out)]
-        report["written"] = written
+        report["written"] = [str(p) for p in write_figure(report, args.out)]
     if args.format == "json":
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2, default=float))
     else:
         print(to_text(report))
     return 0
 
 
+def _ci(lo: float, hi: float) -> str:
+    return f"[{lo:+.3f}, {hi:+.3f}]"
+
+
 def to_text(report: dict) -> str:
     """A short human-readable summary (the JSON has everything)."""
+    if "points" in report:  # a sweep or several perturbation seeds
+        lines = [f"{report['kind']}: {len(report['points'])} points"]
+        for pt in report["points"]:
+            lines.append(f"  target KL {pt['target_kl']}, L {pt['max_new_tokens']}: KL {pt['sequence_kl']:.4g}, "
+                         f"{pt['n_seeds']} seed(s)")
+            for c in pt["configs"]:
+                lines.append(f"    {c['label']:34s} rel.bias {c['rel_bias_mean']:+.3f} (seed spread "
+                             f"{c['rel_bias_spread']:.3f}), biased in {c['biased_seeds']}/{pt['n_seeds']} seeds")
+        lines += [f"wrote {p}" for p in report.get("written", [])]
+        return "\n".join(lines)
     kl = report["sequence_kl"]
     ref = report["reference"]
+    floor = report.get("numeric_floor")
     lines = [
         f"model {report['model']['name']} ({report['model']['class']}), params {report['parameters']['spec']}: "
         f"{report['parameters']['count']} numbers"
         + (f" projected on {report['parameters']['projected_dim']}" if report["parameters"]["projected_dim"] else ""),
         f"sequence KL(pi||pi_ref) = {kl['mean']:.4g} +- {kl['se']:.2g} (exact per-token KLs summed), "
-        f"mean response length {report['mean_response_tokens']:.3g} tokens",
-        f"reference grad (rb in both, rtg): relative SE {ref['rel_se']:.3g}; cosine to forward KL "
-        f"{ref['cos_forward']:.3f}",
+        f"mean response length {report['mean_response_tokens']:.3g} tokens"
+        + (f", {100 * report['ended_at_eos']:.0f}% ended at EOS" if report.get("ended_at_eos") is not None else ""),
+        f"samples: {report['samples']['main']} main, {report['samples']['directions']} for the directions, "
+        f"{report['samples']['forward']} from pi_ref; reference relative SE {ref['rel_se']:.3g}"
+        + (f"; numeric floor {floor['nats']:.2g} nats ({report['options']['dtype']} vs {floor['against']})"
+           if floor else ""),
         "",
-        f"{'configuration':34s} {'rel.bias along ref [CI]':>30s} {'p':>8s} {'verdict':>8s} {'var/|r|^2':>10s} "
-        f"{'cos rev':>8s} {'cos fwd':>8s} {'cos fwd tok':>11s}",
+        f"{'configuration':34s} {'rel.bias along ref [CI]':>28s} {'toward fwd-token [CI]':>28s} {'|b|/|r| [CI]':>26s}"
+        f" {'p (Holm)':>9s}  verdict",
     ]
     for r in report["configs"]:
-        ci = f"{r['rel_bias_along_reference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-        lines.append(
-            f"{r['label']:34s} {ci:>30s} {r['p_value']:8.2g} {'biased' if r['biased'] else 'ok':>8s} "
-            f"{r['rel_variance']:10.3g} {r['cos_reverse']:8.3f} {r['cos_forward']:8.3f} {r['cos_forward_token']:11.3f}"
-        )
+        along = f"{r['rel_bias_along_reference']:+.3f} {_ci(r['ci_low'], r['ci_high'])}"
+        toward = f"{r['rel_bias_toward_forward_token']:+.3f} {_ci(r['toward_ci_low'], r['toward_ci_high'])}"
+        norm = f"{r['rel_bias_norm']:.3f} [{r['rel_bias_norm_ci_low']:.3f}, {r['rel_bias_norm_ci_high']:.3f}]"
+        lines.append(f"{r['label']:34s} {along:>28s} {toward:>28s} {norm:>26s} {r['p_value']:9.2g}  {r['verdict']}")
     lines.append("")
     lines.append("values against the exact per-token KL (sum over the response):")
     for name, v in report["values"].items():
@@ -87,12 +142,15 @@ def to_text(report: dict) -> str:
             f"  {name}: mean {v['mean_sequence_value']:.4g} +- {v['se']:.2g}, bias {v['bias_vs_exact']:+.3g} "
             f"+- {v['bias_se']:.2g}, token RMSE {v['token_rmse_vs_exact']:.3g}"
         )
+    for w in report.get("warnings", []):
+        lines.append(f"warning: {w}")
     for p in report.get("written", []):
         lines.append(f"wrote {p}")
     return "\n".join(lines)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from .calibration import MIN_CALIBRATED_SAMPLES
     from .run import DEFAULT_CONFIGS
 
     p = sub.add_parser(
@@ -101,26 +159,49 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n")[0],
     )
     p.add_argument("--model", default="tiny-random", help="smollm2 | tiny-random | tiny-random-gpt2 | PATH")
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: four built-in)")
-    p.add_argument("--samples", type=int, default=64, help="responses sampled from the policy (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="response length cap L (default 16)")
-    p.add_argument("--params", default="lora", help="lora | last-layer | NAMES (comma-separated patterns)")
+    p.add_argument("--policy", default=None, help="PATH of a policy checkpoint (with --reference; replaces --model)")
+    p.add_argument("--reference", default=None, help="PATH of the reference checkpoint pi_ref (no LoRA then)")
+    p.add_argument("--prompts", default=None,
+                   help="FILE: .jsonl ({\"prompt\": ...} a line) or text, one prompt a line (default: 12 built-in "
+                        "math word problems)")
+    p.add_argument("--samples", type=int, default=MIN_CALIBRATED_SAMPLES,
+                   help="main responses sampled from the policy (default %(default)s, the calibrated minimum)")
+    p.add_argument("--direction-samples", type=int, default=None,
+                   help="independent responses fixing the test directions (default samples/2, at least 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response length cap L (default 16 on the tiny random models, 64 on real ones)")
+    p.add_argument("--params", default="auto",
+                   help="auto | lora | lora-last:K | last-layer | NAMES (comma-separated patterns); auto = lora on "
+                        "models of up to 8 blocks, else the LoRA of the last 4 blocks")
     p.add_argument(
         "--configs",
         default=",".join(DEFAULT_CONFIGS),
         help="estimator:placement[:level[:credit]],... (default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 = autocast")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32",
+                   help="bfloat16 = autocast of the decoder trunk (head, log_softmax, KLs stay float32); float64 = "
+                        "float64 weights")
+    p.add_argument("--allow-tf32", action="store_true", help="allow TF32 matmuls on CUDA (off by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="samples per micro-batch (default 8)")
     p.add_argument("--lora-rank", type=int, default=4)
     p.add_argument("--perturb", type=float, default=None,
-                   help="LoRA B ~ N(0, perturb^2) (default 0.3 on tiny random models, 0.05 on real ones)")
+                   help="LoRA B ~ N(0, perturb^2) (default 0.06 on tiny random models, 0.05 on real ones)")
+    p.add_argument("--target-kl", type=float, default=None,
+                   help="rescale the perturbation to this sequence KL(pi||pi_ref) in nats (pilot estimate)")
+    p.add_argument("--perturb-seeds", type=int, default=1,
+                   help="repeat with this many perturbation seeds (seed, seed+1, ...); report the mean and spread")
+    p.add_argument("--sweep-kl", default="", help="comma-separated target KLs: a sweep figure (llm_sweep.*)")
+    p.add_argument("--sweep-lengths", default="", help="comma-separated --max-new-tokens values for the sweep")
     p.add_argument("--train-steps", type=int, default=0, help="REINFORCE steps on the LoRA after the perturbation")
     p.add_argument("--projections", type=int, default=128, help="random directions when params are many")
     p.add_argument("--max-dense", type=int, default=1024, help="project when the subset has more numbers")
-    p.add_argument("--alpha", type=float, default=0.05, help="test level; CIs are 1 - alpha (default 0.05)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="family-wise test level over the configurations (Holm); CIs are 1 - alpha (default 0.05)")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="paired bootstrap resamples for p-values and intervals (0: F test and t-based Fieller)")
+    p.add_argument("--no-eos", action="store_true", help="fixed-length responses (ignore the EOS token)")
     p.add_argument("--out", default="llm_out", help="folder for llm.png/.csv/.json ('' to skip)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--no-progress", action="store_true")

@@ -13,12 +13,19 @@ FIELDS = [
     "config",
     "label",
     "n",
-    "rel_bias",
     "rel_bias_along_reference",
     "ci_low",
     "ci_high",
+    "rel_bias_toward_forward_token",
+    "toward_ci_low",
+    "toward_ci_high",
+    "rel_bias_norm",
+    "rel_bias_norm_ci_low",
+    "rel_bias_norm_ci_high",
+    "p_value_raw",
     "p_value",
     "biased",
+    "verdict",
     "detectable_rel_bias",
     "variance",
     "rel_variance",
@@ -41,7 +48,9 @@ def _png(report: dict) -> bytes:
     fig = Figure(figsize=(13, 0.45 * len(rows) + 2.2))
     ax_b, ax_c, ax_v = fig.subplots(1, 3, sharey=True, gridspec_kw={"width_ratios": [1.3, 1.2, 1.0]})
     along = [r["rel_bias_along_reference"] for r in rows]
-    err = [[a - r["ci_low"] for a, r in zip(along, rows)], [r["ci_high"] - a for a, r in zip(along, rows)]]
+    lim = 5.0  # unbounded Fieller intervals are drawn to the edge
+    err = [[min(a - r["ci_low"], lim) for a, r in zip(along, rows)],
+           [min(r["ci_high"] - a, lim) for a, r in zip(along, rows)]]
     colors = ["tab:red" if r["biased"] else "tab:blue" for r in rows]
     ax_b.errorbar(along, y, xerr=err, fmt="none", ecolor="0.4", capsize=3)
     ax_b.scatter(along, y, c=colors, zorder=3)
@@ -49,7 +58,8 @@ def _png(report: dict) -> bytes:
     ax_b.set_yticks(y, labels)
     ax_b.invert_yaxis()
     alpha = report["options"]["alpha"]
-    ax_b.set_xlabel(f"relative bias along grad KL(pi||pi_ref), {100 * (1 - alpha):.0f}% CI (red: biased)")
+    ax_b.set_xlabel(f"relative bias along grad KL(pi||pi_ref), {100 * (1 - alpha):.0f}% Fieller CI\n"
+                    "(red: biased, Holm family-wise)")
     for key, marker, name in (
         ("cos_reverse", "o", "reverse KL"),
         ("cos_forward", "s", "forward KL"),

@@ -29,7 +29,9 @@ from ..placements import Coefficients
 from .models import LLMError
 from .policy import LoRALinear, lora_modules
 
-PARAM_SPECS = ("lora", "last-layer", "NAMES (comma-separated fnmatch patterns of parameter names)")
+PARAM_SPECS = ("auto", "lora", "lora-last:K", "last-layer",
+               "NAMES (comma-separated fnmatch patterns of parameter names)")
+AUTO_LAST_BLOCKS = 4  # ``auto``: LoRA of every block up to 8 blocks, else of the last 4 (backward stops there)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -55,6 +57,7 @@ class ParamSubset:
     params: list[Tensor]
     owners: dict[str, nn.Module]  # module qualified name -> module owning some of the params (hooks method)
     method: str  # "hooks" | "loop"
+    spec: str = ""  # the resolved --params spec (``auto`` resolved)
 
     @property
     def numel(self) -> int:
@@ -62,13 +65,25 @@ class ParamSubset:
 
 
 def select_params(model: nn.Module, spec: str) -> ParamSubset:
-    """``lora``: every adapter's A and B; ``last-layer``: weights and biases of the Linear layers of the last
+    """``lora``: every adapter's A and B; ``lora-last:K``: those of the last K transformer blocks (the backward
+    pass of the per-sample gradients then stops K blocks deep); ``auto``: ``lora`` up to 8 blocks, else
+    ``lora-last:4``; ``last-layer``: weights and biases of the Linear layers of the last
     transformer block; otherwise comma-separated fnmatch patterns matched against ``named_parameters`` names."""
     named = dict(model.named_parameters())
-    if spec == "lora":
+    if spec == "auto":
+        spec = "lora" if len(decoder_blocks(model)) <= 2 * AUTO_LAST_BLOCKS else f"lora-last:{AUTO_LAST_BLOCKS}"
+    if spec == "lora" or spec.startswith("lora-last:"):
         mods = lora_modules(model)
         if not mods:
-            raise LLMError("--params lora: the model has no LoRA adapter")
+            raise LLMError(f"--params {spec}: the model has no LoRA adapter")
+        if spec.startswith("lora-last:"):
+            try:
+                k = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise LLMError(f"--params {spec!r}: expected lora-last:K with an integer K") from None
+            blocks = decoder_blocks(model)
+            keep = {id(m) for b in list(blocks)[-k:] for m in b.modules()}
+            mods = {n: m for n, m in mods.items() if id(m) in keep}
         names = [f"{n}.{p}" for n in mods for p in ("lora_A", "lora_B")]
     elif spec == "last-layer":
         block = decoder_blocks(model)[-1]
@@ -108,7 +123,7 @@ def select_params(model: nn.Module, spec: str) -> ParamSubset:
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     if any(id(p) in tied for p in params):
         method = "loop"  # a tied embedding/lm_head weight is used twice: only the generic path sums both uses
-    return ParamSubset(names, params, owners if method == "hooks" else {}, method)
+    return ParamSubset(names, params, owners if method == "hooks" else {}, method, spec)
 
 
 # ---------------------------------------------------------------------------------------------- the sketch
@@ -129,6 +144,10 @@ class Sketch:
         counts = torch.bincount(torch.cat(self.index), minlength=self.k).clamp_min(1).to(torch.float64)
         self.weight = [(s / counts[i].sqrt()).to(device) for s, i in zip(signs, self.index)]
         self.index = [i.to(device) for i in self.index]
+
+    def project_one(self, out: Tensor, j: int, g: Tensor) -> None:
+        """out (B, k) += the projection of parameter j's per-sample gradients g (B, *shape_j)."""
+        out.index_add_(1, self.index[j], g.reshape(g.shape[0], -1).to(torch.float64) * self.weight[j])
 
     def project(self, per_param: list[Tensor]) -> Tensor:
         """(B, k) projections from per-parameter per-sample gradients [(B, *shape_j)]."""
@@ -193,10 +212,19 @@ class PerSampleGrads:
             return self.loop_grads(logits, dz)
         names = list(self._saved)
         outs = [self._saved[n][1] for n in names]
-        gouts = torch.autograd.grad(logits, outs, grad_outputs=dz.to(logits.dtype), retain_graph=True)
-        per_mod: dict[str, dict[str, Tensor]] = {}
-        for n, gout in zip(names, gouts):
-            per_mod[n] = self._module_grads(self.subset.owners[n], self._saved[n][0], gout)
+        gouts = dict(zip(names, torch.autograd.grad(logits, outs, grad_outputs=dz.to(logits.dtype),
+                                                    retain_graph=True)))
+        if self.sketch is not None:  # stream: one module's dense per-sample gradients alive at a time
+            out = torch.zeros((logits.shape[0], self.sketch.k), dtype=torch.float64, device=logits.device)
+            index = {name: j for j, name in enumerate(self.subset.names)}
+            for n in names:
+                grads = self._module_grads(self.subset.owners[n], self._saved[n][0], gouts.pop(n))
+                for pname, g in grads.items():
+                    j = index.get(f"{n}.{pname}")
+                    if j is not None:
+                        self.sketch.project_one(out, j, g)
+            return out
+        per_mod = {n: self._module_grads(self.subset.owners[n], self._saved[n][0], gouts[n]) for n in names}
         per_param = [per_mod[n.rsplit(".", 1)[0]][n.rsplit(".", 1)[1]] for n in self.subset.names]
         return self._finish(per_param)
 

@@ -50,11 +50,15 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)  # (..., d_out)
+        out = self.base(x)  # (..., d_out), in the autocast dtype when one is active
         if not self.enabled:
             return out
-        u = x @ self.lora_A.T.to(x.dtype)  # (..., r)
-        return out + self.scale * (u @ self.lora_B.T.to(u.dtype))  # (..., d_out)
+        # the low-rank delta in float32 (float64 with float64 weights) whatever autocast is active: a bf16 delta of
+        # a small perturbation would round away most of pi_theta - pi_ref
+        wide = torch.float64 if x.dtype == torch.float64 or self.lora_A.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = x.to(wide) @ self.lora_A.T.to(wide)  # (..., r)
+            return out.to(wide) + self.scale * (u @ self.lora_B.T.to(wide))  # (..., d_out)
 
 
 def attach_lora(
@@ -111,6 +115,25 @@ def perturb_lora(model: nn.Module, sigma: float, seed: int) -> None:
         m.lora_B.copy_(b)
 
 
+@torch.no_grad()
+def scale_lora(model: nn.Module, factor: float) -> None:
+    """Multiply every adapter's B by ``factor`` (the delta s B A x scales linearly; the KL roughly quadratically)."""
+    for m in lora_modules(model).values():
+        m.lora_B.mul_(factor)
+
+
+@torch.no_grad()
+def broadcast_lora(model: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s adapters to every rank (after ``train_lora``, so all ranks sample the same pi_theta)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for m in lora_modules(model).values():
+        for p in (m.lora_A, m.lora_B):
+            dist.broadcast(p.data, src=src)
+
+
 def reward_tokens(vocab_size: int, seed: int) -> Tensor:
     """(V,) bool: the seeded half of the vocabulary the ``train`` reward likes."""
     g = torch.Generator().manual_seed(seed + 7919)
@@ -147,8 +170,8 @@ def train_lora(
         gen = generate(model, chunk, max_new_tokens, sample_seeds=[(seed, 104729, i) for i in idx], eos=eos, pad=pad)
         mask = gen.mask.to(device)
         reward = (liked.to(device)[gen.completion] & mask.bool()).sum(1) / mask.sum(1).clamp_min(1)  # (B,)
-        logits = score_logits(model, gen)  # (B, L, V)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, gen.completion.unsqueeze(-1)).squeeze(-1)
+        logits = score_logits(model, gen)  # (B, L, V) float32
+        logp = torch.log_softmax(logits, -1).gather(-1, gen.completion.unsqueeze(-1)).squeeze(-1)  # (B, L)
         seq_logp = (logp * mask).sum(1)  # (B,)
         loss = -((reward - reward.mean()).detach() * seq_logp).mean()
         opt.zero_grad()
@@ -164,9 +187,11 @@ __all__ = [
     "DEFAULT_TARGETS",
     "LoRALinear",
     "attach_lora",
+    "broadcast_lora",
     "lora_modules",
     "perturb_lora",
     "reference_mode",
     "reward_tokens",
+    "scale_lora",
     "train_lora",
 ]

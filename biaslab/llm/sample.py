@@ -20,11 +20,21 @@ from torch import Tensor, nn
 
 from .models import LLMError
 
+#: short math word problems written for biaslab (no dataset): answers take a few sentences, so an instruction-tuned
+#: model ends them with its end-of-sequence token well inside a 64-token budget
 DEFAULT_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give me one tip for learning to code.",
-    "Why is the sky blue?",
+    "Tom has 3 apples and buys 4 more. How many apples does he have? Answer in one sentence.",
+    "A pencil costs 2 dollars. How much do 5 pencils cost? Answer briefly.",
+    "Sara read 12 pages on Monday and 9 on Tuesday. How many pages did she read? Answer briefly.",
+    "A box holds 6 eggs. How many eggs are in 4 boxes? Answer in one sentence.",
+    "There are 20 birds on a tree and 7 fly away. How many are left? Answer briefly.",
+    "A train travels 60 km in one hour. How far does it go in 3 hours? Answer briefly.",
+    "Ben has 15 marbles and gives 6 to Amy. How many does Ben keep? Answer in one sentence.",
+    "A class has 4 rows of 8 desks. How many desks are there? Answer briefly.",
+    "What is half of 18? Answer in one sentence.",
+    "A shirt costs 25 dollars and is 5 dollars off. What is the new price? Answer briefly.",
+    "Lily saves 3 dollars a week. How much has she saved after 6 weeks? Answer briefly.",
+    "A cake is cut into 8 slices and 3 are eaten. How many slices remain? Answer in one sentence.",
 )
 
 
@@ -52,7 +62,8 @@ def stream_seed(*parts: int) -> int:
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the device when ``dtype == 'bfloat16'``; a no-op for float32/float64."""
+    """bf16 autocast on the device when ``dtype == 'bfloat16'`` (the decoder trunk only: the head, log_softmax and
+    every KL run in float32 outside it, see ``head_logits``); a no-op for float32/float64."""
     if dtype == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if dtype not in ("float32", "float64"):
@@ -75,12 +86,30 @@ def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Non-empty lines of a text file, one prompt per line."""
+    """Prompts from a file: ``.jsonl`` (one JSON object a line with a ``prompt`` (or ``question``) string, or a
+    bare JSON string), otherwise one prompt per non-empty line."""
+    import json
+
     try:
         with open(path, encoding="utf-8") as f:
             lines = [ln.strip() for ln in f]
     except FileNotFoundError:
-        raise FileNotFoundError(f"--prompts {path}: no such file") from None
+        raise LLMError(f"--prompts {path}: no such file") from None
+    if path.endswith(".jsonl"):
+        prompts = []
+        for i, ln in enumerate(lines, 1):
+            if not ln:
+                continue
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as exc:
+                raise LLMError(f"--prompts {path}, line {i}: not JSON ({exc.msg})") from None
+            text = obj if isinstance(obj, str) else (obj.get("prompt", obj.get("question")) if isinstance(obj, dict)
+                                                    else None)
+            if not isinstance(text, str) or not text.strip():
+                raise LLMError(f"--prompts {path}, line {i}: expected {{\"prompt\": \"...\"}} or a JSON string")
+            prompts.append(text.strip())
+        lines = prompts
     prompts = [ln for ln in lines if ln]
     if not prompts:
         raise LLMError(f"--prompts {path}: the file holds no prompt (one per line)")
@@ -106,9 +135,16 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device) 
     return ids.to(device), att.to(device)
 
 
-def _wide(x: Tensor) -> Tensor:
-    """float32 for half/bf16 logits; float32/float64 ones pass unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+def _wide_dtype(weight: Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """(..., V) logits from the trunk's final hidden states, in float32 (float64 with float64 weights) with autocast
+    off: the lm_head, and everything computed from its logits, never sees bf16 (module hooks on it still fire)."""
+    head = model.get_output_embeddings()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return head(hidden.to(_wide_dtype(head.weight)))
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -122,6 +158,40 @@ def _positions(attention: Tensor) -> Tensor:
     return (attention.cumsum(-1) - 1).clamp_min(0)  # (B, S)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def uniforms(seeds: Tensor, step: int) -> Tensor:
+    """(B,) float64 uniforms in [0, 1): a splitmix64 hash of (per-sample seed, step), computed on the seeds' device.
+
+    A counter-based stream: sample i's token t depends on (seed_i, t) alone, so samples are the same whatever the
+    batch they share and however many processes split the work, and no state moves between device and host."""
+    x = seeds ^ _signed((0x9E3779B97F4A7C15 * (step + 1)) & _MASK64)  # tensor int64 arithmetic wraps mod 2**64
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return _shr(x, 11).to(torch.float64) * 2.0**-53  # top 53 bits
+
+
+def sample_tokens(probs: Tensor, u: Tensor) -> Tensor:
+    """(B,) tokens by the inverse CDF: the first v with cumsum(probs)_v > u * sum(probs) (float64 cumsum)."""
+    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)  # (B,)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -133,53 +203,56 @@ def generate(
     pad: int,
     dtype: str = "float32",
 ) -> Generation:
-    """Sample one completion per prompt at temperature 1 (exactly pi), with a KV cache; row i uses the generator
-    seeded by ``stream_seed(*sample_seeds[i])``. Stops at ``eos`` or after ``max_new_tokens`` tokens."""
+    """Sample one completion per prompt at temperature 1 (exactly pi), with a KV cache, on the model's device.
+
+    Row i's token t is the inverse-CDF draw at ``uniforms(stream_seed(*sample_seeds[i]), t)``; the probabilities
+    come from float32 logits (``head_logits``). A row stops after sampling ``eos`` (which is part of the response,
+    mask 1) or after ``max_new_tokens`` tokens; later positions hold ``pad`` with mask 0."""
     if max_new_tokens < 1:
         raise LLMError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if len(sample_seeds) != len(prompts):
         raise ValueError("one seed tuple per prompt")
     device = next(model.parameters()).device
     ids, att = _left_pad(prompts, pad, device)  # (B, P)
-    gens = [torch.Generator().manual_seed(stream_seed(*s)) for s in sample_seeds]
+    prompt_att = att
+    seeds = torch.tensor([stream_seed(*s) for s in sample_seeds], dtype=torch.long, device=device)  # (B,)
     B = len(prompts)
-    out = torch.full((B, max_new_tokens), pad, dtype=torch.long)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.float32)
-    alive = torch.ones(B, dtype=torch.bool)
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
     pos = _positions(att)
+    trunk = model.base_model
     step_ids, cache = ids, None
-    cache_arg = _cache_argument(model)
+    cache_arg = _cache_argument(trunk)
     for t in range(max_new_tokens):
         with autocast(device, dtype):
-            res = model(input_ids=step_ids, attention_mask=att, position_ids=pos, use_cache=True, **{cache_arg: cache})
+            res = trunk(input_ids=step_ids, attention_mask=att, position_ids=pos, use_cache=True, **{cache_arg: cache})
         cache = res[cache_arg]
-        probs = torch.softmax(_wide(res.logits[:, -1]), -1).cpu()  # (B, V)
-        nxt = torch.stack([torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(B)])  # (B,)
-        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad))
+        probs = torch.softmax(head_logits(model, res.last_hidden_state[:, -1]), -1)  # (B, V) float32
+        nxt = torch.where(alive, sample_tokens(probs, uniforms(seeds, t)), pad)  # (B,)
         out[:, t] = nxt
         mask[:, t] = alive.float()
         if eos is not None:
             alive = alive & (nxt != eos)
-        if not alive.any():
+        if t + 1 == max_new_tokens or (eos is not None and not bool(alive.any())):
             break
-        step_ids = nxt.to(device).unsqueeze(1)  # (B, 1)
+        step_ids = nxt.unsqueeze(1)  # (B, 1)
         att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype, device=device)], 1)
         pos = pos[:, -1:] + 1
-    ids_prompt, att_prompt = _left_pad(prompts, pad, device)
-    return Generation(ids_prompt, att_prompt, out.to(device), mask.to(device))
+    return Generation(ids, prompt_att, out, mask)
 
 
 def score_logits(model: nn.Module, gen: Generation, dtype: str = "float32") -> Tensor:
-    """(B, L, V) float32 (or float64) logits of pi(. | x, y_<t) at the completion positions: one teacher-forced
-    forward pass (differentiable through whatever parameters require grad)."""
+    """(B, L, V) float32 (float64 with float64 weights) logits of pi(. | x, y_<t) at the completion positions: one
+    teacher-forced pass of the trunk (bf16 under ``dtype='bfloat16'``) and the head in float32, differentiable
+    through whatever parameters require grad."""
     device = gen.prompt.device
     L = gen.completion.shape[1]
     ids = torch.cat([gen.prompt, gen.completion], 1)  # (B, P + L)
     att = torch.cat([gen.prompt_mask, torch.ones_like(gen.completion)], 1)  # (B, P + L)
     with autocast(device, dtype):
-        res = model(input_ids=ids, attention_mask=att, position_ids=_positions(att), use_cache=False,
-                    logits_to_keep=L + 1)
-    return _wide(res.logits[:, :L])  # (B, L, V)
+        res = model.base_model(input_ids=ids, attention_mask=att, position_ids=_positions(att), use_cache=False)
+    return head_logits(model, res.last_hidden_state[:, -L - 1 : -1])  # (B, L, V)
 
 
 __all__ = [
@@ -188,8 +261,11 @@ __all__ = [
     "autocast",
     "encode_prompts",
     "generate",
+    "head_logits",
     "random_prompts",
     "read_prompts",
     "score_logits",
+    "sample_tokens",
     "stream_seed",
+    "uniforms",
 ]
