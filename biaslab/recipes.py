@@ -287,7 +287,7 @@ class Recipe:
         mask = torch.ones_like(batch.logp) if mask is None else mask
         if self.is_plain:  # REINFORCE on one response, token-sum: S = beta_r sum_t sg(c_t) logp_t + beta_l K
             full = (batch.logp_full, batch.logp_ref_full) if self.needs_full_logits else None
-            s = torch.zeros(batch.logp.shape[:-1], dtype=batch.logp.dtype)
+            s = batch.logp.new_zeros(batch.logp.shape[:-1])
             if self.has_reward_kl:
                 det = None if full is None else (full[0].detach(), full[1])
                 c, _ = kl_reward_credit(self, batch.logp.detach(), batch.logp_ref, mask, det)  # (N, T)
@@ -412,7 +412,7 @@ def advantages(
     """(..., B, T) detached per-token advantages (before whitening). Inputs (..., B, T) masked log-probs;
     ``task_reward`` (..., B) or None (0); ``full`` the current full log-probs for full-logit estimators."""
     mask = mask.to(logp_old.dtype)
-    R = torch.zeros(logp_old.shape[:-1], dtype=logp_old.dtype) if task_reward is None else task_reward  # (..., B)
+    R = logp_old.new_zeros(logp_old.shape[:-1]) if task_reward is None else task_reward  # (..., B)
     if recipe.has_reward_kl:
         at = logp_old if recipe.reward_kl_at == "behaviour" else logp_cur.detach()
         full_det = None if full is None else (full[0].detach(), full[1])
@@ -511,7 +511,7 @@ def batch_loss(
             f"{tuple(logp_ref.shape)}, {tuple(mask.shape)}"
         )
     logp_old = logp_old.detach()
-    total = torch.zeros(logp.shape[:-2], dtype=logp.dtype)
+    total = logp.new_zeros(logp.shape[:-2])
     adv = advantages(recipe, logp_old, logp, logp_ref, mask, task_reward, full)
     if recipe.whiten and (recipe.has_reward_kl or task_reward is not None):
         if whiten_stats is None:
