@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from scipy import optimize, stats
 from torch import Tensor
 
 #: Smallest number of main samples at which the test and intervals were found calibrated by ``simulate`` on the
@@ -119,6 +118,8 @@ def fieller_bootstrap(a: Tensor, b: Tensor, alpha: float, w: Tensor) -> tuple[fl
 
 def hotelling(x: Tensor) -> tuple[float, float, tuple[int, int], Tensor]:
     """Test H0: E[x] = 0 for n rows of k coordinates: (F statistic, p-value, (k, n - k), covariance (k, k))."""
+    from scipy import stats
+
     n, k = x.shape
     mean = x.mean(0)  # (k,)
     cov = torch.cov(x.T).reshape(k, k)  # (k, k)
@@ -152,11 +153,15 @@ def bootstrap_hotelling(x: Tensor, w: Tensor) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _t2_quantile(p: float, df: int) -> float:
+    from scipy import stats
+
     return float(stats.t.ppf(p, df)) ** 2
 
 
 @functools.lru_cache(maxsize=256)
 def _noncentrality(k: int, df2: int, alpha: float, power: float) -> float:
+    from scipy import optimize, stats
+
     crit = stats.f.ppf(1 - alpha, k, df2)
     f = lambda lam: stats.ncf.sf(crit, k, df2, lam) - power  # noqa: E731
     hi = 1.0

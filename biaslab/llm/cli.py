@@ -37,7 +37,7 @@ def _options(args: argparse.Namespace, **over) -> object:
         allow_tf32=args.allow_tf32,
         bootstrap=args.bootstrap,
         eos=False if args.no_eos else None,
-        progress=not args.no_progress,
+        progress=bool(args.progress),
     )
     kw.update(over)
     return LLMOptions(**kw)
@@ -150,6 +150,7 @@ def to_text(report: dict) -> str:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from ..cli import DEFAULT_ALPHA, probability
     from .calibration import MIN_CALIBRATED_SAMPLES
     from .run import DEFAULT_CONFIGS
 
@@ -197,12 +198,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-steps", type=int, default=0, help="REINFORCE steps on the LoRA after the perturbation")
     p.add_argument("--projections", type=int, default=128, help="random directions when params are many")
     p.add_argument("--max-dense", type=int, default=1024, help="project when the subset has more numbers")
-    p.add_argument("--alpha", type=float, default=0.05,
-                   help="family-wise test level over the configurations (Holm); CIs are 1 - alpha (default 0.05)")
+    p.add_argument("--alpha", type=probability, default=DEFAULT_ALPHA,
+                   help="family-wise test level over the configurations (Holm); CIs are 1 - alpha")
     p.add_argument("--bootstrap", type=int, default=2000,
                    help="paired bootstrap resamples for p-values and intervals (0: F test and t-based Fieller)")
     p.add_argument("--no-eos", action="store_true", help="fixed-length responses (ignore the EOS token)")
     p.add_argument("--out", default="llm_out", help="folder for llm.png/.csv/.json ('' to skip)")
     p.add_argument("--format", choices=["text", "json"], default="text")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: on when stderr is a terminal)")
     p.set_defaults(func=_run)
