@@ -402,14 +402,12 @@ def _run(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         print(report.to_frame().to_csv(index=False, lineterminator="\n"), end="")
     elif args.format == "md":
-        print(report.to_frame().to_markdown(index=False) if _has_tabulate() else report.format_text())
+        from .io import markdown_table
+
+        print(markdown_table(report.to_frame()))
     else:
         print(report.format_text())
     return report.exit_code
-
-
-def _has_tabulate() -> bool:
-    return importlib.util.find_spec("tabulate") is not None
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -187,6 +187,15 @@ def csv_text(rows: Iterable[Mapping[str, object]], fields: list[str]) -> str:
     return csv_frame(rows, fields).to_csv(index=False, lineterminator="\n")
 
 
+def markdown_table(frame) -> str:
+    """A pandas DataFrame as a markdown table (no extra dependency), cells formatted as in the CSVs."""
+    cols = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join("" if v is None else str(_fmt(v)) for v in row) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(v: object) -> object:
     """Floats to 10 significant digits after rounding to 12 decimals, so round-off (~1e-16) prints as 0 and
     regenerated files are byte-identical across runs."""
