@@ -384,13 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_figures)
 
     for name in PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # that part of biaslab is not built yet
-            raise
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter
         for action in p._actions:

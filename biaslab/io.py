@@ -187,6 +187,15 @@ def csv_text(rows: Iterable[Mapping[str, object]], fields: list[str]) -> str:
     return csv_frame(rows, fields).to_csv(index=False, lineterminator="\n")
 
 
+class Rows(list):
+    """A list of row dicts (a sweep, a grid of results) with ``to_frame()``: a pandas DataFrame, one row each."""
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(list(self))
+
+
 def markdown_table(frame) -> str:
     """A pandas DataFrame as a markdown table (no extra dependency), cells formatted as in the CSVs."""
     cols = [str(c) for c in frame.columns]

@@ -92,21 +92,6 @@ def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
     return atomic_write_bytes(path, png_bytes(fig, dpi))
 
 
-def nice_log_limits(values: Sequence[float]) -> tuple[float, float]:
-    """Decade-aligned limits around the positive ``values``."""
-    pos = [v for v in values if v > 0 and math.isfinite(v)]
-    lo, hi = min(pos), max(pos)
-    return 10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi))
-
-
-DIRECTION_NAMES = {
-    "reverse_kl": "reverse KL",
-    "forward_kl": "forward KL",
-    "forward_kl_token": "forward KL (token)",
-    "reverse_kl_token": "reverse KL (token)",
-}
-
-
 def direction_groups(rows: Sequence[dict]) -> tuple[list[tuple[float, float, list[str], str]], list[str]]:
     """Configurations grouped by their point (cos_reverse, cos_forward), numbered from the top right, and the
     configurations whose E[g] is zero (no direction). Each group: (x, y, labels, matched direction)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from .exact import ExactEngine
+from .io import Rows
 from .placements import KLConfig, all_configs, make_config
 from .toy import make_pair
 from .verdict import _cos
@@ -91,7 +92,7 @@ def evaluate_rows(
         "kl_forward": tr.kl_forward,
         "grad_norm": grad_norm,
     }
-    rows = []
+    rows = Rows()
     for label, cfg in configs:
         r = engine.evaluate(cfg)
         rows.append(
@@ -141,7 +142,7 @@ def sweep(
     from tqdm import tqdm  # plain bars: no ipywidgets needed inside notebooks
 
     grid = [(T, s) for T in lengths for s in kl_scales]
-    rows: list[dict] = []
+    rows = Rows()
     for T, s in tqdm(grid, desc=desc, disable=not progress, leave=False):
         rows += evaluate_rows(model, vocab_size, T, seed, s, configs)
     return rows

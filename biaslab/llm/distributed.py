@@ -86,9 +86,4 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
-
-
-__all__ = ["shutdown", "barrier", "gather", "init_from_env", "merge_chunks", "my_chunks", "world"]
+__all__ = ["shutdown", "gather", "init_from_env", "merge_chunks", "my_chunks", "world"]

@@ -29,8 +29,6 @@ from ..placements import Coefficients
 from .models import LLMError
 from .policy import LoRALinear, lora_modules
 
-PARAM_SPECS = ("auto", "lora", "lora-last:K", "last-layer",
-               "NAMES (comma-separated fnmatch patterns of parameter names)")
 AUTO_LAST_BLOCKS = 4  # ``auto``: LoRA of every block up to 8 blocks, else of the last 4 (backward stops there)
 
 
@@ -292,7 +290,6 @@ def make_sketch(subset: ParamSubset, max_dense: int, k: int, seed: int) -> Sketc
 
 
 __all__ = [
-    "PARAM_SPECS",
     "ParamSubset",
     "PerSampleGrads",
     "Sketch",
