@@ -16,16 +16,12 @@ files for one ``biaslab train --out DIR`` call.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 from . import __version__
-from .io import atomic_write_json, atomic_write_text, csv_text
-from .plotting import save_png
 
 PATH_PROBLEM = {"vocab": 3, "length": 4, "seed": 0, "kl_scale": 1.0, "reward": "binary:10", "beta": 0.3}
 PATH_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3:reward,none"
@@ -61,25 +57,15 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _read(text: str) -> list[dict]:
-    """Rows of a CSV text, numbers as floats: plots show exactly what the CSV says."""
+def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict):
+    """(the figure's ``Artifact`` holding its CSV and JSON, the rows parsed back from the CSV); the caller adds the
+    PNG and commits the three files as one set."""
+    from .figures import Artifact
 
-    def conv(v: str) -> object:
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
-    return [{k: conv(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text))]
-
-
-def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict) -> tuple[list[Path], list[dict]]:
-    text = csv_text(rows, fields)
-    paths = [
-        atomic_write_text(out / f"{stem}.csv", text),
-        atomic_write_json(out / f"{stem}.json", {"figure": stem, "biaslab_version": __version__, **meta}),
-    ]
-    return paths, _read(text)
+    art = Artifact(out, stem)
+    parsed = art.add_csv(rows, fields)
+    art.add_meta(meta, seed=meta.get("seed"))
+    return art, parsed
 
 
 # ------------------------------------------------------------------------------------------ the exact paths
@@ -188,14 +174,15 @@ def train_paths(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     """Exact flows: reward against reverse KL, targets marked."""
     rows = path_rows(_path_result(quick))
     meta = {**PATH_PROBLEM, "configs": PATH_CONFIGS, "steps": PATH_STEPS[quick], "mode": "exact", "quick": quick}
-    paths, parsed = _write(out, "train_paths", rows, PATH_FIELDS, meta)
+    art, parsed = _write(out, "train_paths", rows, PATH_FIELDS, meta)
     fig = _figure(8.0, 4.5)
     ax = fig.add_subplot()
     plot_paths(ax, parsed)
     ax.set_title(
         f"exact expected-update flows, V=3 T=4, {PATH_PROBLEM['reward']}, beta {PATH_PROBLEM['beta']}", fontsize=9
     )
-    return [save_png(fig, out / "train_paths.png"), *paths]
+    art.add_png(fig)
+    return art.commit()
 
 
 def train_entropy(out: Path, quick: bool, progress: bool = False) -> list[Path]:
@@ -203,12 +190,13 @@ def train_entropy(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     rows = path_rows(_path_result(quick))
     fields = ["kind", "config", "beta", "step", "entropy", "reward", "verdict"]
     meta = {**PATH_PROBLEM, "configs": PATH_CONFIGS, "steps": PATH_STEPS[quick], "mode": "exact", "quick": quick}
-    paths, parsed = _write(out, "train_entropy", rows, fields, meta)
+    art, parsed = _write(out, "train_entropy", rows, fields, meta)
     fig = _figure(8.0, 4.0)
     ax = fig.add_subplot()
     plot_entropy(ax, parsed)
     ax.set_title("entropy over training (k3 in reward collapses; k3 in loss ends above pi*)", fontsize=9)
-    return [save_png(fig, out / "train_entropy.png"), *paths]
+    art.add_png(fig)
+    return art.commit()
 
 
 # ------------------------------------------------------------------------------------------ closed-form entropies
@@ -275,7 +263,7 @@ def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) ->
         "ref_seeds": "1000 + problem",
         "quick": quick,
     }
-    paths, parsed = _write(out, "train_fixed_point_entropy", rows, fields, meta)
+    art, parsed = _write(out, "train_fixed_point_entropy", rows, fields, meta)
     fig = _figure(6.5, 3.6)
     ax = fig.add_subplot()
     betas = sorted({r["beta"] for r in parsed})
@@ -288,7 +276,8 @@ def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) ->
     ax.set_xlabel("beta")
     ax.set_ylabel("H(k3-in-loss fixed point) - H(pi*)  (nats)")
     ax.set_title(f"{len(data[0])} random problems per beta (V, T in {{3, 4}})", fontsize=9)
-    return [save_png(fig, out / "train_fixed_point_entropy.png"), *paths]
+    art.add_png(fig)
+    return art.commit()
 
 
 # ------------------------------------------------------------------------------------------ Monte Carlo
@@ -341,7 +330,7 @@ def train_collapse_beta(out: Path, quick: bool, progress: bool = False) -> list[
         "collapse_reward": 0.01,
         "quick": quick,
     }
-    paths, parsed = _write(out, "train_collapse_beta", rows, MC_FIELDS, meta)
+    art, parsed = _write(out, "train_collapse_beta", rows, MC_FIELDS, meta)
     fig = _figure(5.5, 3.6)
     ax = fig.add_subplot()
     for name in ("k3:reward", "k1:reward"):
@@ -360,7 +349,8 @@ def train_collapse_beta(out: Path, quick: bool, progress: bool = False) -> list[
         fontsize=8,
     )
     ax.legend(fontsize=8)
-    return [save_png(fig, out / "train_collapse_beta.png"), *paths]
+    art.add_png(fig)
+    return art.commit()
 
 
 def train_lag_grid(out: Path, quick: bool, progress: bool = False) -> list[Path]:
@@ -384,7 +374,7 @@ def train_lag_grid(out: Path, quick: bool, progress: bool = False) -> list[Path]
         "collapse_reward": 0.01,
         "quick": quick,
     }
-    paths, parsed = _write(out, "train_lag_grid", rows, MC_FIELDS, meta)
+    art, parsed = _write(out, "train_lag_grid", rows, MC_FIELDS, meta)
     lags = LAGS[quick]
     grid = [
         [next(r["fraction"] for r in parsed if r["lag"] == lag and r["config"] == c) for c in configs] for lag in lags
@@ -401,7 +391,8 @@ def train_lag_grid(out: Path, quick: bool, progress: bool = False) -> list[Path]
     ax.set_ylabel("async lag (steps)")
     ax.set_title("collapse fraction (E[R] < 0.01): PPO clip 0.2, Dr. GRPO mean baseline, beta 1", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return [save_png(fig, out / "train_lag_grid.png"), *paths]
+    art.add_png(fig)
+    return art.commit()
 
 
 TRAIN_FIGURES: dict[str, Callable[..., list[Path]]] = {
@@ -420,19 +411,17 @@ def write_train_artifacts(result, meta: dict, out: str | Path) -> list[Path]:
     """``train.csv`` (every recorded step and target), ``train.json`` (meta + runs without trajectories) and
     ``train.png`` (reward against reverse KL, entropy over training) for one ``biaslab train`` call."""
     out = Path(out)
-    rows = path_rows(result)
-    text = csv_text(rows, PATH_FIELDS)
-    paths = [
-        atomic_write_text(out / "train.csv", text),
-        atomic_write_json(
-            out / "train.json", {"biaslab_version": __version__, "meta": meta, **result.as_dict(with_trajectory=False)}
-        ),
-    ]
-    parsed = _read(text)
+    from .figures import Artifact
+    from .io import to_json
+
+    art = Artifact(out, "train")
+    parsed = art.add_csv(path_rows(result), PATH_FIELDS)
+    art.add(".json", to_json({"biaslab_version": __version__, "meta": meta, **result.as_dict(with_trajectory=False)}))
     fig = _figure(14, 4.5)
     a, b = fig.subplots(1, 2)
     plot_paths(a, parsed)
     plot_entropy(b, parsed)
     if any(math.isnan(r["reward"]) for r in parsed if isinstance(r.get("reward"), float)):
         a.set_title("(some values are not finite)")
-    return [save_png(fig, out / "train.png"), *paths]
+    art.add_png(fig)
+    return art.commit()
