@@ -627,6 +627,13 @@ class ExactEngine:
         return mean, math.sqrt(max(var, 1e-8))
 
     def _loss_coefficients(self, config, idx: Tensor | None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
+        if idx is None and self.behaviour is None and getattr(config, "is_plain", False):
+            from .placements import surrogate_coefficients  # make_config's direct path (tests: equal to batch_loss)
+
+            coef = surrogate_coefficients(
+                config, self.tokens, self._logp_full_det, self.logp_ref_full, self.logp, self.logp_ref, self.mask
+            )
+            return coef.tok[:, None], None if coef.full is None else coef.full[:, None]
         lp, lo, lr, m, rew = self._inputs(idx)
         leaf = lp.clone().requires_grad_(True)  # (E, B, T)
         full = None

@@ -268,7 +268,7 @@ def test_plain_surrogate_equals_the_general_update_rule(model):
     for cfg in all_configs(("k1", "k2", "k3", "abs", "rb", "k3_st_k2")):
         assert cfg.is_plain
         fast = surrogate_coefficients(cfg, e.tokens, e._logp_full_det, e.logp_ref_full)
-        a, c = e.coefficients(cfg)  # through batch_loss (groups of one)
+        a, c = e.coefficients(cfg, torch.arange(e.N)[:, None])  # explicit groups of one: through batch_loss
         torch.testing.assert_close(fast.tok, a[:, 0], rtol=1e-12, atol=1e-13)
         if c is not None:
             torch.testing.assert_close(fast.full, c[:, 0], rtol=1e-12, atol=1e-13)
