@@ -67,7 +67,8 @@ def load_function(spec: str) -> Callable:
             sys.path.remove(os.getcwd())
     fn = getattr(module, name, None)
     if fn is None:
-        raise EstimatorError(f"{where} defines no {name!r}")
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise EstimatorError(f"{where} defines no {name!r}; callables there: {', '.join(found) or 'none'}")
     if not callable(fn):
         raise EstimatorError(f"{where}:{name} is not callable")
     return fn

@@ -25,11 +25,8 @@ has expectation 0 on-policy) is what an engine subtracts when it judges the KL p
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -65,34 +62,15 @@ class LossBatch(Mapping):
 
 
 def load_loss(spec: str) -> Callable:
-    """The function ``FUNC`` of ``FILE:FUNC`` (a Python file path, or an importable module name)."""
-    if ":" not in spec:
-        raise UserLossError(f"--loss takes FILE:FUNC (e.g. my_loss.py:loss), got {spec!r}")
-    where, name = spec.rsplit(":", 1)
-    path = Path(where)
-    if path.suffix == ".py" or path.exists():
-        if not path.is_file():
-            raise UserLossError(f"loss file {where!r} not found")
-        mod_name = f"_biaslab_userloss_{abs(hash(str(path.resolve())))}"
-        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-        if spec_obj is None or spec_obj.loader is None:
-            raise UserLossError(f"cannot import {where!r} as a Python file")
-        module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[mod_name] = module
-        try:
-            spec_obj.loader.exec_module(module)
-        except Exception as exc:
-            raise UserLossError(f"importing {where} raised {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(where)
-        except Exception as exc:
-            raise UserLossError(f"cannot import module {where!r} ({type(exc).__name__}: {exc})") from exc
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise UserLossError(f"{where} has no function {name!r}; callables there: {', '.join(found) or 'none'}")
-    return fn
+    """The function ``FUNC`` of ``FILE:FUNC`` (a Python file path, or a module importable from the current folder),
+    loaded by the same loader as ``biaslab check`` (``biaslab.check.load_function``)."""
+    from .check import load_function
+    from .estimators import EstimatorError
+
+    try:
+        return load_function(spec)
+    except EstimatorError as exc:
+        raise UserLossError(f"--loss {spec}: {exc}") from exc
 
 
 class UserLoss:

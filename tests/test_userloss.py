@@ -178,7 +178,7 @@ def test_cli_loss(tmp_path, capsys):
     assert main(["audit", "--loss", f"{f}:k3", "--beta", "0.1", "--format", "md", "--alpha", "0.01"]) == 1
     assert capsys.readouterr().out.startswith("| framework |")
     assert main(["audit", "--loss", f"{f}:missing"]) == 2
-    assert "no function 'missing'" in capsys.readouterr().err
+    assert "defines no 'missing'" in capsys.readouterr().err
     assert main(["audit", "--loss", "nofile.py:f"]) == 2
     assert main(["audit", "--loss", f"{f}:good", "--framework", "verl"]) == 2
     assert main(["audit", "--framework", "verl", "--beta", "0.1"]) == 2
