@@ -336,8 +336,15 @@ class ExactEngine:
             raise ModelError("the policy has no parameters that require grad")
         self.P = sum(p.numel() for p in self.params)
         n_params = 0 if policy.closed_form_grads else self.P
-        check_enumerable(self.V, self.T, n_params, max_bytes, eos)
+        self._max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self.N = count_complete(self.V, self.T, eos)
+        self.chunk_size: int | None = None  # set when the enumeration is processed in chunks (see _plan_chunks)
+        try:
+            check_enumerable(self.V, self.T, n_params, max_bytes, eos)
+        except EnumerationTooLarge:
+            if not (policy.closed_form_grads and eos is None and self.B == 1 and behaviour is None):
+                raise
+            self.chunk_size = self._plan_chunks()
         if self.B > 1:
             if self.N**self.B > max_groups:
                 raise ValueError(
@@ -351,34 +358,6 @@ class ExactEngine:
                     f"parameters, about {_human(need)}; use a smaller toy"
                 )
 
-        self.tokens, self.mask = enumerate_complete(self.V, self.T, eos)  # (N, T), (N, T)
-        index = self.tokens.unsqueeze(-1)  # (N, T, 1)
-        if eos is None:
-            self.logp_full = policy.log_probs_enumerated(self.tokens)  # (N, T, V), graph kept for many backwards
-        else:
-            self.logp_full = policy.log_probs(self.tokens)  # (N, T, V)
-        with torch.no_grad():
-            self.logp_ref_full = ref.log_probs(self.tokens) if eos is not None else ref.log_probs_enumerated(
-                self.tokens
-            )  # (N, T, V)
-        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T), differentiable
-        self._logp_ref_tok = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T)
-        self._logp_full_det = self.logp_full.detach()  # (N, T, V)
-        self.logp = self._logp_tok.detach()  # (N, T) masked log pi(y_t|y_<t)
-        self.logp_ref = self._logp_ref_tok  # (N, T)
-        self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self._logp_ref_tok)
-        self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
-        self.logp_ref_seq = self._logp_ref_tok.sum(-1)  # (N,)
-        self.weights = self.logp_seq.detach().exp()  # (N,) pi(y)
-        total = float(self.weights.sum())
-        if abs(total - 1) > 1e-9:
-            raise ModelError(f"enumerated response probabilities sum to {total!r}, not 1")
-        if behaviour is None:
-            self.logp_mu, self.prob_mu = self.logp, self.weights
-        else:
-            with torch.no_grad():
-                self.logp_mu = behaviour.log_probs(self.tokens).gather(-1, index).squeeze(-1) * self.mask  # (N, T)
-            self.prob_mu = self.logp_mu.sum(-1).exp()  # (N,) mu(y)
         if task_reward is not None:
             task_reward = torch.as_tensor(task_reward, dtype=DTYPE)
             if task_reward.shape != (self.N,) or not torch.isfinite(task_reward).all():
@@ -390,8 +369,91 @@ class ExactEngine:
         self._gram: Tensor | bool | None = None
         self._tok_factor: Tensor | None = None
         self._pair_gram: Tensor | bool | None = None
-        self._max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
         self._value_grads: dict = {}
+        self._full_enumeration = True  # tokens are all V**T sequences in base-V order (closed-form reshape sums)
+        if self.chunk_size is None:
+            self._setup(*enumerate_complete(self.V, self.T, eos))
+
+    # ------------------------------------------------------------------ storage: in memory, or in chunks
+
+    def _setup(self, tokens: Tensor, mask: Tensor, check_total: bool = True) -> None:
+        """Per-response tensors of ``tokens`` (N, T): log-probabilities (the policy's with its graph), weights."""
+        policy, ref, behaviour, eos = self.policy, self.ref, self.behaviour, self.eos
+        self.tokens, self.mask = tokens, mask  # (N, T), (N, T)
+        index = self.tokens.unsqueeze(-1)  # (N, T, 1)
+        if eos is None and self._full_enumeration:
+            self.logp_full = policy.log_probs_enumerated(self.tokens)  # (N, T, V), graph kept for many backwards
+            with torch.no_grad():
+                self.logp_ref_full = ref.log_probs_enumerated(self.tokens)  # (N, T, V)
+        else:
+            self.logp_full = policy.log_probs(self.tokens)  # (N, T, V)
+            with torch.no_grad():
+                self.logp_ref_full = ref.log_probs(self.tokens)  # (N, T, V)
+        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T), differentiable
+        self._logp_ref_tok = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T)
+        self._logp_full_det = self.logp_full.detach()  # (N, T, V)
+        self.logp = self._logp_tok.detach()  # (N, T) masked log pi(y_t|y_<t)
+        self.logp_ref = self._logp_ref_tok  # (N, T)
+        self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self._logp_ref_tok)
+        self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
+        self.logp_ref_seq = self._logp_ref_tok.sum(-1)  # (N,)
+        self.weights = self.logp_seq.detach().exp()  # (N,) pi(y)
+        total = float(self.weights.sum())
+        if check_total and abs(total - 1) > 1e-9:
+            raise ModelError(f"enumerated response probabilities sum to {total!r}, not 1")
+        if behaviour is None:
+            self.logp_mu, self.prob_mu = self.logp, self.weights
+        else:
+            with torch.no_grad():
+                self.logp_mu = behaviour.log_probs(self.tokens).gather(-1, index).squeeze(-1) * self.mask  # (N, T)
+            self.prob_mu = self.logp_mu.sum(-1).exp()  # (N,) mu(y)
+
+    def _plan_chunks(self) -> int:
+        """Sequences per chunk (a power of V) so that one chunk's tensors fit in a quarter of the memory budget;
+        refuses when even the level tables would not fit."""
+        tables = 8 * 8 * sum(self.V ** (t + 1) for t in range(self.T))  # logits, probabilities, accumulators
+        if tables > self._max_bytes // 2:
+            raise EnumerationTooLarge(
+                f"even in chunks, V={self.V}, T={self.T} needs about {_human(tables)} for its prefix tables "
+                f"(limit {_human(self._max_bytes)}); use Monte Carlo instead"
+            )
+        per_seq = enumeration_bytes(self.V, self.T) / self.N
+        c = 1
+        while c * self.V * per_seq <= self._max_bytes // 4 and c * self.V <= self.N:
+            c *= self.V
+        return c
+
+    def _chunks(self):
+        """Yield an engine over each chunk of consecutive sequences (in-memory engines yield themselves). Sums of
+        the chunks' weighted gradients, KLs and second moments are the whole enumeration's (all are linear)."""
+        if self.chunk_size is None:
+            yield self
+            return
+        powers = self.V ** torch.arange(self.T - 1, -1, -1)  # (T,)
+        for start in range(0, self.N, self.chunk_size):
+            sub = object.__new__(ExactEngine)
+            sub.__dict__.update(self.__dict__)
+            sub.chunk_size, sub._full_enumeration, sub._truths, sub._value_grads = None, False, None, {}
+            sub._tok_factor, sub._gram, sub._jac, sub._pair_gram = None, None, None, None
+            n = torch.arange(start, min(start + self.chunk_size, self.N))
+            tokens = (n.unsqueeze(1) // powers) % self.V  # (C, T)
+            sub._setup(tokens, torch.ones(tokens.shape, dtype=DTYPE), check_total=False)
+            if self.task_reward is not None:
+                sub.task_reward = self.task_reward[start : start + tokens.shape[0]]
+            yield sub
+
+    def _sum_chunks(self, fn):
+        """sum over chunks of fn(chunk engine) (tensors or floats, or tuples of them)."""
+        total = None
+        for sub in self._chunks():
+            part = fn(sub)
+            if total is None:
+                total = part
+            elif isinstance(part, tuple):
+                total = tuple(a + b for a, b in zip(total, part))
+            else:
+                total = total + part
+        return total
 
     @property
     def n_sequences(self) -> int:
@@ -416,6 +478,8 @@ class ExactEngine:
         if self.policy.closed_form_grads and self.eos is None:
             if self._level_probs is None:
                 self._level_probs = self.policy.level_probs()
+            if not self._full_enumeration:  # a chunk: accumulate per prefix row
+                return self.policy.weighted_grad(self.tokens, wa_tok, wc_full, self._level_probs)
             return self.policy.enumerated_expected_grad(wa_tok, wc_full, self._level_probs)
         outputs, cotangents = [], []
         if wa_tok is not None:
@@ -493,6 +557,19 @@ class ExactEngine:
         """
         if self._truths is not None:
             return self._truths
+        if self.chunk_size is not None:
+            parts, mass = [], 0.0
+            for sub in self._chunks():
+                parts.append(sub.truths())
+                mass += float(sub.weights.sum())
+            if abs(mass - 1) > 1e-9:
+                raise ModelError(f"enumerated response probabilities sum to {mass!r}, not 1")
+            directions = {k: sum(p.directions[k] for p in parts) for k in parts[0].directions}
+            self._truths = Truths(
+                sum(p.kl_reverse for p in parts), sum(p.kl_forward for p in parts), directions,
+                math.sqrt(sum(p.score_rms**2 for p in parts)),
+            )
+            return self._truths
         w, m = self.weights, self.mask  # (N,), (N, T)
         lp, lr = self.logp_seq.detach(), self.logp_ref_seq  # (N,)
         lp_full, lr_full = self._logp_full_det, self.logp_ref_full  # (N, T, V)
@@ -531,6 +608,8 @@ class ExactEngine:
 
     def task_grad(self) -> Tensor:
         """(P,) grad E_pi[R] = sum_y pi(y) R(y) grad log pi(y) (zeros without a task reward)."""
+        if self.chunk_size is not None and self.task_reward is not None:
+            return self._sum_chunks(lambda sub: sub.task_grad())
         if self.task_reward is None:
             return torch.zeros(self.P, dtype=DTYPE)
         return self.weighted_grad((self.weights * self.task_reward)[:, None] * self.mask, None)
@@ -550,6 +629,9 @@ class ExactEngine:
             return None
         key = (est, config.level)
         if key in self._value_grads:
+            return self._value_grads[key]
+        if self.chunk_size is not None:
+            self._value_grads[key] = self._sum_chunks(lambda sub: sub.expected_value_grad(config))
             return self._value_grads[key]
         from .recipes import Recipe as _R
 
@@ -675,6 +757,10 @@ class ExactEngine:
 
     def moments(self, config, chunk: int | None = None) -> tuple[Tensor, float, float | None]:
         """(E[g] (P,), E||g||^2, whitening std or None) over all groups."""
+        if self.chunk_size is not None:
+            if getattr(config, "whiten", False):
+                raise ValueError("whitened configurations need the whole enumeration in memory; use a smaller toy")
+            return (*self._sum_chunks(lambda sub: sub.moments(config, chunk)[:2]), None)
         stats = self.whiten_stats(config) if getattr(config, "whiten", False) else None
         if self.B == 1:
             a, c = self.coefficients(config, None, stats)  # (N, 1, T), (N, 1, T, V)

@@ -291,6 +291,26 @@ class TabularAR(AutoregressiveModel):
         jac.scatter_(-1, cols, block)  # each (n, t) writes its own V columns: no collisions
         return jac  # (N, T, P)
 
+    def weighted_grad(
+        self, tokens: Tensor, wa_tok: Tensor | None, wc_full: Tensor | None, probs: list[Tensor] | None = None
+    ) -> Tensor:
+        """(P,) sum_n g_n for weighted coefficients of any set of sequences ``tokens`` (N, T) (a chunk of the
+        enumeration, or responses padded after EOS with zero coefficients): the same closed form as
+        ``enumerated_expected_grad``, accumulated per prefix row with index_add instead of a reshape-sum."""
+        V = self.vocab_size
+        probs = probs if probs is not None else self.level_probs()
+        rows = self.prefix_rows(tokens)  # (N, T)
+        out = []
+        for t in range(self.length):
+            p = probs[t]  # (V**t, V)
+            acc = torch.zeros_like(p)
+            if wa_tok is not None:
+                acc.view(-1).index_add_(0, rows[:, t] * V + tokens[:, t], wa_tok[:, t])
+            if wc_full is not None:
+                acc.index_add_(0, rows[:, t], wc_full[:, t])
+            out.append((acc - p * acc.sum(-1, keepdim=True)).reshape(-1))
+        return torch.cat(out)
+
     def level_probs(self) -> list[Tensor]:
         """[(V**t, V)] next-token probabilities of every prefix, detached."""
         return [torch.softmax(lvl.detach(), -1) for lvl in self.levels]
