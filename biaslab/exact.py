@@ -430,6 +430,8 @@ class ExactEngine:
             yield self
             return
         powers = self.V ** torch.arange(self.T - 1, -1, -1)  # (T,)
+        if self._level_probs is None and self.policy.closed_form_grads:
+            self._level_probs = self.policy.level_probs()  # shared by every chunk
         for start in range(0, self.N, self.chunk_size):
             sub = object.__new__(ExactEngine)
             sub.__dict__.update(self.__dict__)
@@ -558,17 +560,20 @@ class ExactEngine:
         if self._truths is not None:
             return self._truths
         if self.chunk_size is not None:
-            parts, mass = [], 0.0
-            for sub in self._chunks():
-                parts.append(sub.truths())
+            directions, kl_rev, kl_fwd, score_sq, mass = None, 0.0, 0.0, 0.0, 0.0
+            for sub in self._chunks():  # running sums: one chunk's P-vectors alive at a time
+                part = sub.truths()
+                if directions is None:
+                    directions = dict(part.directions)
+                else:
+                    for k, d in part.directions.items():
+                        directions[k] += d
+                kl_rev, kl_fwd = kl_rev + part.kl_reverse, kl_fwd + part.kl_forward
+                score_sq += part.score_rms**2
                 mass += float(sub.weights.sum())
             if abs(mass - 1) > 1e-9:
                 raise ModelError(f"enumerated response probabilities sum to {mass!r}, not 1")
-            directions = {k: sum(p.directions[k] for p in parts) for k in parts[0].directions}
-            self._truths = Truths(
-                sum(p.kl_reverse for p in parts), sum(p.kl_forward for p in parts), directions,
-                math.sqrt(sum(p.score_rms**2 for p in parts)),
-            )
+            self._truths = Truths(kl_rev, kl_fwd, directions, math.sqrt(score_sq))
             return self._truths
         w, m = self.weights, self.mask  # (N,), (N, T)
         lp, lr = self.logp_seq.detach(), self.logp_ref_seq  # (N,)
