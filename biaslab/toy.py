@@ -296,20 +296,25 @@ class TabularAR(AutoregressiveModel):
     ) -> Tensor:
         """(P,) sum_n g_n for weighted coefficients of any set of sequences ``tokens`` (N, T) (a chunk of the
         enumeration, or responses padded after EOS with zero coefficients): the same closed form as
-        ``enumerated_expected_grad``, accumulated per prefix row with index_add instead of a reshape-sum."""
+        ``enumerated_expected_grad``, accumulated per prefix row with index_add, touching only the rows (prefixes)
+        the sequences visit, so a chunk of a large enumeration costs O(chunk), not O(P)."""
         V = self.vocab_size
         probs = probs if probs is not None else self.level_probs()
         rows = self.prefix_rows(tokens)  # (N, T)
-        out = []
+        out = torch.zeros(sum(p.numel() for p in probs), dtype=DTYPE)
+        offset = 0
         for t in range(self.length):
             p = probs[t]  # (V**t, V)
-            acc = torch.zeros_like(p)
+            r = rows[:, t]
+            lo, hi = int(r.min()), int(r.max()) + 1
+            acc = torch.zeros(hi - lo, V, dtype=DTYPE)
             if wa_tok is not None:
-                acc.view(-1).index_add_(0, rows[:, t] * V + tokens[:, t], wa_tok[:, t])
+                acc.view(-1).index_add_(0, (r - lo) * V + tokens[:, t], wa_tok[:, t])
             if wc_full is not None:
-                acc.index_add_(0, rows[:, t], wc_full[:, t])
-            out.append((acc - p * acc.sum(-1, keepdim=True)).reshape(-1))
-        return torch.cat(out)
+                acc.index_add_(0, r - lo, wc_full[:, t])
+            out[offset + lo * V : offset + hi * V] = (acc - p[lo:hi] * acc.sum(-1, keepdim=True)).reshape(-1)
+            offset += p.numel()
+        return out
 
     def level_probs(self) -> list[Tensor]:
         """[(V**t, V)] next-token probabilities of every prefix, detached."""
