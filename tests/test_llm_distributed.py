@@ -32,7 +32,6 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import warnings
 
-    import torch.distributed as dist
 
     warnings.simplefilter("ignore")
     torch.set_default_dtype(torch.float64)  # as the test process (conftest): results must not depend on it
@@ -45,8 +44,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"rows": rows, "report": summarize(rows, setup, opts, timing)}, out)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        from biaslab.llm.distributed import shutdown
+
+        shutdown()  # a barrier, then leave the group: no rank tears down connections another still uses
 
 
 @pytest.mark.filterwarnings("ignore:--samples")

@@ -81,9 +81,13 @@ def merge_chunks(local: dict[int, dict[str, Moments]]) -> dict[str, Moments]:
 
 
 def shutdown() -> None:
-    """Leave the process group (torchrun runs) so the processes exit cleanly."""
+    """Leave the process group (torchrun runs) so the processes exit cleanly: wait for every rank first, since a
+    rank that tears its connections down while another still uses them aborts the other (gloo)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 __all__ = ["shutdown", "gather", "init_from_env", "merge_chunks", "my_chunks", "world"]
