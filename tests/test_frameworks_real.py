@@ -6,9 +6,7 @@ OpenRLHF's ``models/utils.py`` imports deepspeed at module top without using it 
 file is loaded by path with an empty stand-in for ``deepspeed`` (no DeepSpeed build on a CPU machine).
 """
 
-import importlib.util
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -30,36 +28,10 @@ except Exception as exc:  # pragma: no cover - the reason is printed by the skip
     )
 
 
-def _load_openrlhf_models():
-    """(utils, loss) modules of openrlhf/models, loaded by path under a private package name so that loss.py's
-    ``from .utils import masked_mean`` resolves, with an empty stand-in for deepspeed during the load."""
-    spec = importlib.util.find_spec("openrlhf")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("openrlhf is not installed")
-    models_dir = f"{list(spec.submodule_search_locations)[0]}/models"
-    pkg = types.ModuleType("_openrlhf_models")
-    pkg.__path__ = [models_dir]
-    saved = sys.modules.get("deepspeed")
-    sys.modules["deepspeed"] = types.ModuleType("deepspeed")  # imported at the top, unused by these functions
-    sys.modules["_openrlhf_models"] = pkg
-    loaded = []
-    try:
-        for module in ("utils", "loss"):
-            mod_spec = importlib.util.spec_from_file_location(f"_openrlhf_models.{module}", f"{models_dir}/{module}.py")
-            mod = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = mod
-            mod_spec.loader.exec_module(mod)
-            loaded.append(mod)
-    finally:
-        if saved is None:
-            sys.modules.pop("deepspeed", None)
-        else:
-            sys.modules["deepspeed"] = saved
-    return tuple(loaded)
+try:  # one loader, shared with the example losses built from OpenRLHF's functions
+    from examples.frameworks.openrlhf_real import load_openrlhf_models
 
-
-try:
-    orl_utils, orl_loss = _load_openrlhf_models()
+    orl_utils, orl_loss = load_openrlhf_models()
 except Exception as exc:  # pragma: no cover
     orl_utils = orl_loss = None
     ORL_REASON = f"OpenRLHF 0.11.2 not loadable ({type(exc).__name__}: {exc})"
