@@ -95,6 +95,8 @@ class ModelCheck:
     kl: float = math.nan  # KL(pi || pi_ref) of the toy (exact when enumerable, else estimated)
     factor: float = math.nan  # exact: the rescaling factor of a "rescaled" verdict
     dtype: str = "float64"  # exact: the precision the estimator computes in (sets the tolerance)
+    nearest: str = "none"  # exact: the named direction with the largest cosine to E[g] (reported when biased)
+    nearest_cos: float = math.nan  # exact: that cosine
     p_value: float = math.nan  # mc only
     ci_low: float = math.nan  # mc: CI of the relative bias along the exact bias (biased) or along grad KL
     ci_high: float = math.nan
@@ -184,7 +186,11 @@ class CheckReport:
             )
         for m in self.models:
             s = f"    {m.model} (KL {m.kl:.3g}): {m.verdict}, "
-            s += f"{'matches' if self.mode == 'exact' else 'closest'} {m.matches}, rel bias {m.rel_bias:.3g}"
+            if self.mode == "exact" and m.verdict == "biased" and m.matches == "none":
+                s += f"no named direction, nearest {m.nearest} (cos {m.nearest_cos:.4f})"
+            else:
+                s += f"{'matches' if self.mode == 'exact' else 'closest'} {m.matches}"
+            s += f", rel bias {m.rel_bias:.3g}"
             s += f", var ratio {m.variance_ratio:.3g}"
             if self.mode == "mc":
                 s += (
@@ -220,7 +226,7 @@ def _check_exact(config: KLConfig, baseline: KLConfig, label: str, policy, ref) 
     r, b = engine.evaluate(config), engine.evaluate(baseline)
     return ModelCheck(
         label, r.verdict, r.matches, r.rel_bias, r.variance, r.variance / b.variance, kl=engine.truths().kl_reverse,
-        factor=r.factor, dtype=r.info.dtype,
+        factor=r.factor, dtype=r.info.dtype, nearest=r.info.nearest, nearest_cos=r.info.nearest_cos,
     )
 
 

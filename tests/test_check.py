@@ -92,3 +92,32 @@ def test_unknown_mode_and_bad_function_spec():
         check_estimator("k1", "reward", mode="fast")
     with pytest.raises(EstimatorError, match="MODULE_OR_FILE:FUNCTION"):
         load_function("no_colon")
+
+
+def test_exact_biased_report_names_the_nearest_direction_and_its_cosine():
+    """k3 in the reward follows no named direction: the report gives the nearest one and its cosine. The cosine
+    with grad KL(pi||pi_ref) is recomputed here from the formula loop (E[g]) and autograd of the enumerated KL."""
+    import itertools
+
+    from test_exact import slow_loop
+
+    from biaslab import make_config, make_pair
+
+    k3 = load_function(f"{EXAMPLE}:k3")
+    rep = check_estimator(k3, "reward", models=1, model_kind="tabular")
+    (m,) = rep.models
+    assert m.verdict == "biased" and m.matches == "none"
+    policy, ref = make_pair("tabular", 3, 4, seed=0, kl_scale=1.0)
+    mean, _ = slow_loop(policy, ref, make_config("k3", "reward", "token", "rtg"))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    y = torch.tensor(list(itertools.product(range(3), repeat=4)))
+    lp = policy.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
+    with torch.no_grad():
+        lr = ref.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
+    kl = (lp.exp() * (lp - lr)).sum()
+    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(kl, params)])
+    cos_rev = float(mean @ g / (mean.norm() * g.norm()))
+    assert m.nearest_cos >= cos_rev - 1e-9
+    if m.nearest == "reverse_kl":
+        assert abs(m.nearest_cos - cos_rev) < 1e-9
+    assert f"nearest {m.nearest} (cos {m.nearest_cos:.4f})" in rep.format_text()
