@@ -27,7 +27,8 @@ PATH_PROBLEM = {"vocab": 3, "length": 4, "seed": 0, "kl_scale": 1.0, "reward": "
 PATH_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3:reward,none"
 PATH_STEPS = {False: 10_000, True: 800}
 COLLAPSE_BETAS = {False: [0.1, 0.3, 1.0, 2.0, 3.0], True: [0.3, 2.0]}
-MC_SIZES = {False: {"seeds": 64, "steps": 300}, True: {"seeds": 8, "steps": 60}}  # samples 8 per step
+MC_SIZES = {False: {"seeds": 64, "steps": 300}, True: {"seeds": 8, "steps": 60}}
+MC_FIXED = {"samples": 8, "lr": 0.1, "optimizer": "adam"}  # every Monte Carlo figure, seed 0
 LAGS = {False: [0, 2, 5, 10], True: [0, 10]}
 LAG_CONFIGS = "none,k1:reward,k1:loss,k3:loss,k3:reward"
 ENTROPY_BETAS = {False: [0.1, 0.3, 1.0, 3.0], True: [0.1, 1.0]}
@@ -51,21 +52,15 @@ CONFIG_COLORS = {
 }
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict):
-    """(the figure's ``Artifact`` holding its CSV and JSON, the rows parsed back from the CSV); the caller adds the
-    PNG and commits the three files as one set."""
-    from .figures import Artifact
+def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict, size: tuple[float, float]):
+    """(the figure's ``Artifact`` holding its CSV and JSON, the rows parsed back from the CSV, a new figure of
+    ``size`` inches); the caller draws, adds the PNG and commits the three files as one set."""
+    from .figures import Artifact, _new_figure
 
     art = Artifact(out, stem)
     parsed = art.add_csv(rows, fields)
     art.add_meta(meta, seed=meta.get("seed"))
-    return art, parsed
+    return art, parsed, _new_figure(*size)
 
 
 # ------------------------------------------------------------------------------------------ the exact paths
@@ -170,33 +165,28 @@ def plot_entropy(ax, rows: list[dict]) -> None:
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def train_paths(out: Path, quick: bool, progress: bool = False) -> list[Path]:
-    """Exact flows: reward against reverse KL, targets marked."""
-    rows = path_rows(_path_result(quick))
+def _path_figure(out: Path, quick: bool, stem: str, fields: list[str], height: float, plot, title: str) -> list[Path]:
+    """One figure of the exact flows of ``PATH_PROBLEM``: ``plot(ax, rows)`` on the rows read back from its CSV."""
     meta = {**PATH_PROBLEM, "configs": PATH_CONFIGS, "steps": PATH_STEPS[quick], "mode": "exact", "quick": quick}
-    art, parsed = _write(out, "train_paths", rows, PATH_FIELDS, meta)
-    fig = _figure(8.0, 4.5)
+    art, parsed, fig = _write(out, stem, path_rows(_path_result(quick)), fields, meta, (8.0, height))
     ax = fig.add_subplot()
-    plot_paths(ax, parsed)
-    ax.set_title(
-        f"exact expected-update flows, V=3 T=4, {PATH_PROBLEM['reward']}, beta {PATH_PROBLEM['beta']}", fontsize=9
-    )
+    plot(ax, parsed)
+    ax.set_title(title, fontsize=9)
     art.add_png(fig)
     return art.commit()
+
+
+def train_paths(out: Path, quick: bool, progress: bool = False) -> list[Path]:
+    """Exact flows: reward against reverse KL, targets marked."""
+    title = f"exact expected-update flows, V=3 T=4, {PATH_PROBLEM['reward']}, beta {PATH_PROBLEM['beta']}"
+    return _path_figure(out, quick, "train_paths", PATH_FIELDS, 4.5, plot_paths, title)
 
 
 def train_entropy(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     """Exact flows: entropy over training per configuration."""
-    rows = path_rows(_path_result(quick))
     fields = ["kind", "config", "beta", "step", "entropy", "reward", "verdict"]
-    meta = {**PATH_PROBLEM, "configs": PATH_CONFIGS, "steps": PATH_STEPS[quick], "mode": "exact", "quick": quick}
-    art, parsed = _write(out, "train_entropy", rows, fields, meta)
-    fig = _figure(8.0, 4.0)
-    ax = fig.add_subplot()
-    plot_entropy(ax, parsed)
-    ax.set_title("entropy over training (k3 in reward collapses; k3 in loss ends above pi*)", fontsize=9)
-    art.add_png(fig)
-    return art.commit()
+    title = "entropy over training (k3 in reward collapses; k3 in loss ends above pi*)"
+    return _path_figure(out, quick, "train_entropy", fields, 4.0, plot_entropy, title)
 
 
 # ------------------------------------------------------------------------------------------ closed-form entropies
@@ -263,8 +253,7 @@ def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) ->
         "ref_seeds": "1000 + problem",
         "quick": quick,
     }
-    art, parsed = _write(out, "train_fixed_point_entropy", rows, fields, meta)
-    fig = _figure(6.5, 3.6)
+    art, parsed, fig = _write(out, "train_fixed_point_entropy", rows, fields, meta, (6.5, 3.6))
     ax = fig.add_subplot()
     betas = sorted({r["beta"] for r in parsed})
     data = [[r["diff"] for r in parsed if r["beta"] == b] for b in betas]
@@ -292,7 +281,7 @@ def _mc(config: str, beta: float, quick: bool, **kw) -> dict:
     pb = TabularProblem(ref, parse_reward(p["reward"], p["vocab"], p["length"], seed=p["seed"]))
     start = pb.stack([lvl.detach() for lvl in policy.levels])
     size = MC_SIZES[quick]
-    trainer = MonteCarloTrainer(pb, parse_config(config), beta, samples=8, seeds=size["seeds"], lr=0.1, seed=0, **kw)
+    trainer = MonteCarloTrainer(pb, parse_config(config), beta, seeds=size["seeds"], seed=0, **MC_FIXED, **kw)
     run = trainer.run(start, steps=size["steps"])
     lo, hi = run.mc["collapse_ci95"]
     return {
@@ -311,27 +300,17 @@ def _mc(config: str, beta: float, quick: bool, **kw) -> dict:
 MC_FIELDS = ["config", "beta", "lag", "collapsed", "seeds", "fraction", "ci_low", "ci_high", "final_reward", "diverged"]
 
 
+def _mc_meta(quick: bool, beta: object, **kw) -> dict:
+    """The JSON record of a Monte Carlo figure: the problem, sizes and trainer settings (``kw``: the varying ones)."""
+    return {**PATH_PROBLEM, "beta": beta, **MC_SIZES[quick], **MC_FIXED, **kw, "seed": 0, "collapse_reward": 0.01,
+            "quick": quick}
+
+
 def train_collapse_beta(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     """Monte Carlo: collapse fraction (E[R] < 0.01) of k3 vs k1 in the reward against beta."""
-    rows = [
-        _mc(c, b, quick, baseline="rloo", optimizer="adam")
-        for c in ("k3:reward", "k1:reward")
-        for b in COLLAPSE_BETAS[quick]
-    ]
-    meta = {
-        **PATH_PROBLEM,
-        "beta": COLLAPSE_BETAS[quick],
-        **MC_SIZES[quick],
-        "samples": 8,
-        "lr": 0.1,
-        "optimizer": "adam",
-        "baseline": "rloo",
-        "seed": 0,
-        "collapse_reward": 0.01,
-        "quick": quick,
-    }
-    art, parsed = _write(out, "train_collapse_beta", rows, MC_FIELDS, meta)
-    fig = _figure(5.5, 3.6)
+    rows = [_mc(c, b, quick, baseline="rloo") for c in ("k3:reward", "k1:reward") for b in COLLAPSE_BETAS[quick]]
+    meta = _mc_meta(quick, COLLAPSE_BETAS[quick], baseline="rloo")
+    art, parsed, fig = _write(out, "train_collapse_beta", rows, MC_FIELDS, meta, (5.5, 3.6))
     ax = fig.add_subplot()
     for name in ("k3:reward", "k1:reward"):
         rs = [r for r in parsed if r["config"] == name]
@@ -359,27 +338,13 @@ def train_lag_grid(out: Path, quick: bool, progress: bool = False) -> list[Path]
     rows = []
     for lag in LAGS[quick]:
         for c in configs:
-            rows.append({**_mc(c, 1.0, quick, baseline="mean", optimizer="adam", lag=lag, clip=0.2), "lag": lag})
-    meta = {
-        **PATH_PROBLEM,
-        "beta": 1.0,
-        **MC_SIZES[quick],
-        "samples": 8,
-        "lr": 0.1,
-        "optimizer": "adam",
-        "baseline": "mean",
-        "clip": 0.2,
-        "lags": LAGS[quick],
-        "seed": 0,
-        "collapse_reward": 0.01,
-        "quick": quick,
-    }
-    art, parsed = _write(out, "train_lag_grid", rows, MC_FIELDS, meta)
+            rows.append({**_mc(c, 1.0, quick, baseline="mean", lag=lag, clip=0.2), "lag": lag})
+    meta = _mc_meta(quick, 1.0, baseline="mean", clip=0.2, lags=LAGS[quick])
+    art, parsed, fig = _write(out, "train_lag_grid", rows, MC_FIELDS, meta, (6.0, 3.2))
     lags = LAGS[quick]
     grid = [
         [next(r["fraction"] for r in parsed if r["lag"] == lag and r["config"] == c) for c in configs] for lag in lags
     ]
-    fig = _figure(6.0, 3.2)
     ax = fig.add_subplot()
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="Reds", aspect="auto")
     for i, lag in enumerate(lags):
@@ -411,13 +376,13 @@ def write_train_artifacts(result, meta: dict, out: str | Path) -> list[Path]:
     """``train.csv`` (every recorded step and target), ``train.json`` (meta + runs without trajectories) and
     ``train.png`` (reward against reverse KL, entropy over training) for one ``biaslab train`` call."""
     out = Path(out)
-    from .figures import Artifact
+    from .figures import Artifact, _new_figure
     from .io import to_json
 
     art = Artifact(out, "train")
     parsed = art.add_csv(path_rows(result), PATH_FIELDS)
     art.add(".json", to_json({"biaslab_version": __version__, "meta": meta, **result.as_dict(with_trajectory=False)}))
-    fig = _figure(14, 4.5)
+    fig = _new_figure(14, 4.5)
     a, b = fig.subplots(1, 2)
     plot_paths(a, parsed)
     plot_entropy(b, parsed)

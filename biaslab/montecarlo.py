@@ -39,6 +39,33 @@ def sample_complete(
     mask = (ended_before == 0).to(DTYPE)  # (n, T)
     return tokens * mask.to(torch.long), mask
 
+
+def loss_coefficients(
+    config,
+    logp: Tensor,
+    logp_old: Tensor,
+    logp_ref: Tensor,
+    mask: Tensor,
+    task_reward: Tensor | None = None,
+    full: tuple[Tensor, Tensor] | None = None,
+) -> Coefficients:
+    """dL/dlogp of ``config.batch_loss`` on stacked groups: ``tok`` (..., B, T) and, when ``full`` =
+    (logp_full, logp_ref_full) (..., B, T, V) is given (estimators reading whole distributions), ``full``
+    (..., B, T, V); a group's update is minus the gradient these coefficients define (``Coefficients``).
+
+    Inputs are (..., B, T) log-probabilities (0 on padding) of the current policy (differentiated here), the
+    behaviour policy and the reference; ``task_reward`` (..., B) or None."""
+    leaf = logp.detach().clone().requires_grad_(True)
+    if full is not None:
+        full = (full[0].detach().clone().requires_grad_(True), full[1])
+    loss = config.batch_loss(leaf, logp_old, logp_ref, mask, task_reward, None, **({"full": full} if full else {}))
+    inputs = [leaf] if full is None else [leaf, full[0]]
+    grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None] * 2
+    a = torch.zeros_like(leaf) if grads[0] is None else grads[0]
+    c = None if full is None else (torch.zeros_like(full[0]) if grads[1] is None else grads[1])
+    return Coefficients(a, c)
+
+
 #: the unbiased, low-variance reference estimator of grad KL(pi || pi_ref): Rao-Blackwellized KL in reward + loss
 REFERENCE_CONFIG = ("rb", "both", "token", "rtg")
 
@@ -124,19 +151,13 @@ class MonteCarloEngine:
             lmu = lp if self.behaviour is None else (
                 self.behaviour.log_probs(flat).gather(-1, flat[..., None]).squeeze(-1) * m
             )
-        leaf = lp.view(E, B, T).clone().requires_grad_(True)
         full = None
         if getattr(config, "needs_full_logits", False):
-            full = (logp_full.view(E, B, T, -1).clone().requires_grad_(True), logp_ref_full.view(E, B, T, -1))
-        loss = config.batch_loss(
-            leaf, lmu.view(E, B, T), lr.view(E, B, T), m.view(E, B, T), None, None, **({"full": full} if full else {})
-        )  # (E,)
-        inputs = [leaf] if full is None else [leaf, full[0]]
-        grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None, None]
-        a = torch.zeros_like(lp) if grads[0] is None else grads[0].reshape(E * B, T) * m
-        c = None if full is None else (
-            torch.zeros_like(logp_full) if grads[1] is None else grads[1].reshape(E * B, T, -1) * m[..., None]
-        )
+            full = (logp_full.view(E, B, T, -1), logp_ref_full.view(E, B, T, -1))
+        groups = [x.view(E, B, T) for x in (lp, lmu, lr, m)]  # logp, logp_old, logp_ref, mask
+        a, c = loss_coefficients(config, *groups, None, full)
+        a = a.reshape(E * B, T) * m
+        c = None if c is None else c.reshape(E * B, T, -1) * m[..., None]
         g = self._grads(flat, logp_full, Coefficients(a, c), projection)  # (n, P)
         return g.view(E, B, -1).sum(1)
 

@@ -13,25 +13,29 @@ per-sample KL gradient estimate. Which end point that update reaches depends on 
   a baseline on the task reward (none / mean / RLOO / GRPO), per-token importance ratios pi/mu with optional PPO
   clipping, SGD or Adam; all seeds advance together as one batched tensor.
 
-Every KL value comes from ``biaslab.estimators`` and every coefficient dS/dlogp from
-``biaslab.placements.surrogate_coefficients``; ``logit_grad`` is the one place that maps coefficients to tabular
-logit gradients (block of prefix h at level t: a_t e_{y_t} + c_t - p_t (a_t + sum_v c_tv)).
+Every KL value comes from ``biaslab.estimators``; the coefficients dS/dlogp of the KL terms from
+``biaslab.placements.surrogate_coefficients``, and the Monte Carlo trainer's importance ratios, PPO clipping and KL
+credit from the core recipe's batch loss (``policy_gradient_recipe``, ``biaslab.recipes``). ``logit_grad`` maps
+coefficients to the stacked tabular logits of many seeds at once (block of prefix h at level t:
+a_t e_{y_t} + c_t - p_t (a_t + sum_v c_tv), as ``TabularAR.weighted_grad`` for one model).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .estimators import get_estimator
 from .exact import enumerate_sequences
 from .fixedpoints import TARGETS, entropy, kl, sequence_log_probs, sequence_probs, targets
-from .placements import make_config, surrogate_coefficients
+from .montecarlo import loss_coefficients
+from .placements import Coefficients, make_config, surrogate_coefficients
+from .recipes import Recipe
 from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
 
 if TYPE_CHECKING:  # a configuration from make_config (the core's one configuration type)
@@ -56,7 +60,7 @@ def parse_config(spec: str) -> KLConfig | None:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(f"configuration {spec!r}: expected ESTIMATOR:PLACEMENT[:LEVEL] (e.g. k3:loss) or 'none'")
-    return make_config(get_estimator(parts[0]), parts[1], parts[2] if len(parts) == 3 else "token")
+    return make_config(*parts)
 
 
 def parse_configs(spec: str) -> list[KLConfig | None]:
@@ -120,7 +124,7 @@ def parse_reward(spec: str, vocab_size: int, length: int, seed: int = 0) -> Tens
 def cond_tables(model: AutoregressiveModel) -> list[Tensor]:
     """[(V**t, V)] the model's next-token probabilities at every prefix (detached), base-V row order."""
     if isinstance(model, TabularAR):
-        return [torch.softmax(lvl.detach(), -1) for lvl in model.levels]
+        return model.level_probs()
     V, T = model.vocab_size, model.length
     with torch.no_grad():
         logp = model.log_probs_enumerated(enumerate_sequences(V, T))  # (N, T, V)
@@ -175,17 +179,36 @@ class TabularProblem:
         return self._targets[beta]
 
     def metrics(self, logp_seq: Tensor, beta: float) -> dict[str, float]:
-        """Reward, reverse and forward KL, entropy and the L1 distance to each target of pi(y) = exp(logp_seq)."""
-        p = logp_seq.exp()  # (N,)
-        out = {
-            "reward": float(p @ self.reward),
-            "reverse_kl": float((p * (logp_seq - self.lq_seq)).sum()),
-            "forward_kl": float((self.q_seq * (self.lq_seq - logp_seq)).sum()),
-            "entropy": float(entropy(p)),
-        }
-        for name, target in self.targets(beta).items():
-            out[f"l1_{name}"] = float((p - target).abs().sum())
-        return out
+        """``flow_metrics`` of pi(y) = exp(logp_seq) against this problem's targets at ``beta``."""
+        return flow_metrics(logp_seq, self.lq_seq, self.reward, self.targets(beta))
+
+
+def flow_metrics(logp_seq: Tensor, lq_seq: Tensor, reward: Tensor, tgt: dict[str, Tensor]) -> dict[str, float]:
+    """Reward, reverse and forward KL, entropy and the L1 distance to each target of pi(y) = exp(logp_seq) (N,),
+    with log pi_ref(y) = lq_seq (N,)."""
+    p = logp_seq.exp()  # (N,)
+    out = {
+        "reward": float(p @ reward),
+        "reverse_kl": float((p * (logp_seq - lq_seq)).sum()),
+        "forward_kl": float((lq_seq.exp() * (lq_seq - logp_seq)).sum()),
+        "entropy": float(entropy(p)),
+    }
+    out.update({f"l1_{name}": float((p - target).abs().sum()) for name, target in tgt.items()})
+    return out
+
+
+def expected_coefficients(
+    config: KLConfig | None, beta: float, reward: Tensor, tokens: Tensor, logp_full: Tensor, lq_full: Tensor,
+    lp_tok: Tensor, lq_tok: Tensor,
+) -> Coefficients:
+    """Coefficients (tok (N, T), full (N, T, V) or None) of one response's on-policy ascent direction on log pi:
+    the full credit R(y) of the sequence reward minus beta times the configuration's dS/dlogp
+    (``surrogate_coefficients``)."""
+    tok = reward.unsqueeze(-1).expand_as(lp_tok)  # (N, T) full credit of the sequence reward
+    if config is None:
+        return Coefficients(tok, None)
+    c = surrogate_coefficients(config, tokens, logp_full, lq_full, lp_tok, lq_tok)
+    return Coefficients(tok - beta * c.tok, None if c.full is None else -beta * c.full)
 
 
 def logit_grad(
@@ -206,16 +229,21 @@ def logit_grad(
     return acc - probs * acc.sum(-1, keepdim=True)
 
 
-def _halves(config: KLConfig) -> tuple[KLConfig | None, KLConfig | None]:
-    """(reward half, loss half) of a configuration: 'both' is the sum of its score-function and pathwise halves."""
-    reward = loss = None
-    placement, level = config.placement.value, config.level.value
-    if placement in ("reward", "both"):
-        credit = getattr(config, "credit", None)
-        reward = make_config(config.estimator, "reward", level, getattr(credit, "value", credit) or "rtg")
-    if placement in ("loss", "both"):
-        loss = make_config(config.estimator, "loss", level, None)
-    return reward, loss
+def policy_gradient_recipe(config: KLConfig | None, beta: float, clip: float | None = None) -> Recipe:
+    """The score-function part of the trainer's update as the core configuration type: REINFORCE on the sequence
+    advantage (baselined by the caller), the configuration's KL in the reward (coefficient beta, computed from the
+    behaviour policy's log-probabilities) as per-token credit, per-token importance ratios pi/mu and, with ``clip``
+    eps, the PPO objective min(rho A, clip(rho, 1-eps, 1+eps) A); token-sum, each sample its own group."""
+    reward = config is not None and config.has_reward_kl
+    return Recipe(
+        reward_estimator=config.reward_estimator if reward else None,
+        reward_coef=beta * config.reward_coef if reward else 0.0,
+        reward_credit=config.reward_credit if reward else "rtg",
+        level=config.level if reward else "token",
+        pg_ratio="token",
+        pg_clip=None if clip is None else (clip, clip),
+        pg_agg="token-sum",
+    )
 
 
 def sample_coefficients(
@@ -227,34 +255,27 @@ def sample_coefficients(
     lq_full: Tensor,
     advantage: Tensor,
     clip: float | None = None,
-) -> tuple[Tensor, Tensor | None]:
+) -> Coefficients:
     """Per-sample coefficients (tok (N, T), full (N, T, V) or None) of the ascent direction on log pi.
 
     Samples come from the behaviour policy mu (``logp_mu_full``; equal to ``logp_full`` on-policy). The score part is
-    rho_t * A_t with rho_t = pi(y_t|h)/mu(y_t|h) and A_t = advantage - beta * c_t, c_t the KL credit of the reward
-    half computed from mu's log-probabilities (a detached reward is computed at rollout); with ``clip`` eps the PPO
-    objective min(rho A, clip(rho, 1-eps, 1+eps) A) zeroes it where clipping binds. The loss half adds
-    -beta * dK/dlogp computed at pi, with no importance weight (as trainers write KL losses).
+    minus dL/dlogp of ``policy_gradient_recipe``'s batch loss: rho_t * A_t with rho_t = pi(y_t|h)/mu(y_t|h) and
+    A_t = advantage - beta * c_t, c_t the KL credit of the reward half computed from mu's log-probabilities (a
+    detached reward is computed at rollout), zero where PPO clipping binds. The loss half adds -beta * dK/dlogp
+    computed at pi, with no importance weight (as trainers write KL losses).
     """
     lp_tok = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
     lmu_tok = logp_mu_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    adv = advantage.unsqueeze(-1).expand_as(lp_tok).clone()  # (N, T)
-    full = None
-    loss_tok = torch.zeros_like(lp_tok)
-    if config is not None:
-        reward_half, loss_half = _halves(config)
-        if reward_half is not None:
-            adv = adv - beta * surrogate_coefficients(reward_half, tokens, logp_mu_full, lq_full).tok
-        if loss_half is not None:
-            c = surrogate_coefficients(loss_half, tokens, logp_full, lq_full)
-            loss_tok = -beta * c.tok
-            full = None if c.full is None else -beta * c.full
-    rho = (lp_tok - lmu_tok).exp()  # (N, T)
-    score = rho * adv
-    if clip is not None:
-        clipped = ((adv > 0) & (rho > 1 + clip)) | ((adv < 0) & (rho < 1 - clip))
-        score = torch.where(clipped, torch.zeros_like(score), score)
-    return score + loss_tok, full
+    lq_tok = lq_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    pg = policy_gradient_recipe(config, beta, clip)
+    full = (logp_mu_full[:, None], lq_full[:, None]) if pg.needs_full_logits else None  # KL-in-reward values from mu
+    ones = torch.ones_like(lp_tok)[:, None]  # (N, 1, T): every sample its own group
+    pg_coef = loss_coefficients(pg, lp_tok[:, None], lmu_tok[:, None], lq_tok[:, None], ones, advantage[:, None], full)
+    score = -pg_coef.tok.squeeze(1)  # (N, T)
+    if config is None or not config.has_loss_kl:
+        return Coefficients(score, None)
+    c = surrogate_coefficients(replace(config, reward_estimator=None, reward_coef=0.0), tokens, logp_full, lq_full)
+    return Coefficients(score + -beta * c.tok, None if c.full is None else -beta * c.full)
 
 
 # ============================================================================ results
@@ -278,18 +299,8 @@ class TrainRun:
     mc: dict[str, object] | None = None
 
     def as_dict(self, with_trajectory: bool = True) -> dict[str, object]:
-        d: dict[str, object] = {
-            "config": self.config,
-            "label": self.label,
-            "beta": self.beta,
-            "mode": self.mode,
-            "steps": self.steps,
-            "status": self.status,
-            "verdict": self.verdict,
-            "nearest_target": self.nearest_target,
-            "final": self.final,
-            "final_seq_probs": self.final_seq_probs,
-        }
+        keys = ("config", "label", "beta", "mode", "steps", "status", "verdict", "nearest_target", "final")
+        d: dict[str, object] = {k: getattr(self, k) for k in (*keys, "final_seq_probs")}
         if self.mc is not None:
             d["mc"] = self.mc
         if with_trajectory:
@@ -359,12 +370,9 @@ class ExactFlow:
             weights = lp_tok.flip(-1).cumsum(-1).flip(-1).exp()  # (N, T) pi(y_{>=t} | y_<t) = pi(y) / pi(prefix)
         else:
             weights = logp_seq.exp().unsqueeze(-1).expand_as(lp_tok)  # (N, T) pi(y)
-        tok = pb.reward.unsqueeze(-1).expand_as(lp_tok)  # (N, T) full credit of the sequence reward
-        full = None
-        if self.config is not None:
-            c = surrogate_coefficients(self.config, pb.tokens, logp_full, pb.lq_full, lp_tok, pb.lq_tok)
-            tok = tok - self.beta * c.tok
-            full = None if c.full is None else -self.beta * c.full
+        tok, full = expected_coefficients(
+            self.config, self.beta, pb.reward, pb.tokens, logp_full, pb.lq_full, lp_tok, pb.lq_tok
+        )
         return logit_grad(weights, tok, full, pb.tokens, pb.row_ids, logp_rows.exp()), logp_rows, logp_seq
 
     def run(
@@ -465,15 +473,7 @@ def neural_flow(
     params = [p for p in policy.parameters() if p.requires_grad]
 
     def metrics(logp_seq: Tensor) -> dict[str, float]:
-        p = logp_seq.exp()
-        out = {
-            "reward": float(p @ reward),
-            "reverse_kl": float((p * (logp_seq - lq_seq)).sum()),
-            "forward_kl": float((lq_seq.exp() * (lq_seq - logp_seq)).sum()),
-            "entropy": float(entropy(p)),
-        }
-        out.update({f"l1_{k}": float((p - v).abs().sum()) for k, v in tgt.items()})
-        return out
+        return flow_metrics(logp_seq, lq_seq, reward, tgt)
 
     when = _record_steps(steps)
     trajectory, status, step = [], "running", 0
@@ -486,12 +486,9 @@ def neural_flow(
         if step >= steps:
             break
         w = logp_seq.exp().unsqueeze(-1)  # (N, 1)
-        tok = reward.unsqueeze(-1).expand_as(lp_tok)
-        full = None
-        if config is not None:
-            c = surrogate_coefficients(config, tokens, logp_full.detach(), lq_full, lp_tok.detach(), lq_tok)
-            tok = tok - beta * c.tok
-            full = None if c.full is None else -beta * c.full
+        tok, full = expected_coefficients(
+            config, beta, reward, tokens, logp_full.detach(), lq_full, lp_tok.detach(), lq_tok
+        )
         s = (w * tok * lp_tok).sum()
         if full is not None:
             s = s + (w.unsqueeze(-1) * full * logp_full).sum()
@@ -561,7 +558,8 @@ def baseline_advantage(reward: Tensor, kind: str) -> Tensor:
     """(S, N) advantages of sequence rewards (S, N) within each seed's group of N samples.
 
     ``none``: R; ``mean`` (Dr. GRPO): R - mean; ``rloo``: R - mean of the other N-1;
-    ``grpo``: (R - mean) / (std + 1e-6).
+    ``grpo``: (R - mean) / (std + 1e-6) with the population std (``biaslab.recipes``' group baseline, which
+    the exact engine uses, takes Bessel's std and keeps R for a group of one; this one is the trainer's own).
     """
     if kind == "none":
         return reward
@@ -618,6 +616,8 @@ class MonteCarloTrainer:
             raise ValueError(f"unknown baseline {baseline!r}; choose one of: {', '.join(BASELINES)}")
         if samples < 1 or seeds < 1 or lag < 0:
             raise ValueError("need --samples >= 1, --seeds >= 1 and --lag >= 0")
+        if clip is not None and not 0 <= clip < 1:
+            raise ValueError(f"--clip (PPO epsilon) must lie in [0, 1), got {clip}")
         self.problem, self.config, self.beta = problem, config, float(beta)
         self.samples, self.seeds, self.optimizer, self.lr = samples, seeds, optimizer, lr
         self.baseline, self.lag, self.clip, self.seed = baseline, lag, clip, seed
@@ -804,7 +804,7 @@ def train(
     for beta in betas:
         for config in configs:
             if problem is None:
-                policy = _copy_model(setup.policy)
+                policy = copy.deepcopy(setup.policy).requires_grad_(True)
                 flow_steps, flow_lr = steps or 2000, lr or 0.5
                 runs.append(neural_flow(policy, setup.ref, setup.reward, config, beta, flow_steps, flow_lr, tol))
                 continue
@@ -844,14 +844,6 @@ class TrainResult:
         return {"runs": [r.as_dict(with_trajectory) for r in self.runs], "targets": self.targets}
 
 
-def _copy_model(model: AutoregressiveModel) -> AutoregressiveModel:
-    import copy
-
-    m = copy.deepcopy(model)
-    m.requires_grad_(True)
-    return m
-
-
 __all__ = [
     "NO_KL",
     "parse_config",
@@ -861,6 +853,7 @@ __all__ = [
     "cond_tables",
     "TabularProblem",
     "logit_grad",
+    "policy_gradient_recipe",
     "sample_coefficients",
     "expected_update",
     "ExactFlow",

@@ -27,36 +27,33 @@ DEFAULT_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``train`` to the ``biaslab`` subcommands."""
+    """Add ``train`` to the ``biaslab`` subcommands (the shared flags from ``biaslab.cli.add_common_flags``)."""
+    from .cli import add_common_flags, nonnegative_int, positive_int
+
     p = sub.add_parser(
         "train",
         help="where training ends up: exact training dynamics (and Monte Carlo) on toys",
         description="Train each KL configuration on an enumerable toy and report the end point it reaches.",
     )
-    p.add_argument("--vocab", type=int, default=3, help="vocabulary size V (default 3)")
-    p.add_argument("--length", type=int, default=4, help="sequence length T (default 4)")
+    add_common_flags(p, formats=("text", "json"), progress=False, seed=True, toy=True, kl_scale=True, out="")
     p.add_argument("--model", choices=["tabular", "neural"], default="tabular")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy pair and of the reward")
-    p.add_argument("--kl-scale", type=float, default=1.0, help="start = reference + C * noise (default 1.0)")
     p.add_argument("--logits", help="npz in the `exact --logits` layout: policy_t is the start, ref_t the reference")
     p.add_argument("--reward", default="binary:10", help="binary:K | uniform | zero | FILE.npy (V**T, base V)")
-    p.add_argument("--beta", type=_betas, default=[0.3], help="comma-separated KL coefficients (default 0.3)")
+    p.add_argument("--beta", type=_betas, default="0.3", help="comma-separated KL coefficients")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="ESTIMATOR:PLACEMENT[:LEVEL],... or none")
     p.add_argument("--mode", choices=["exact", "mc"], default="exact")
-    p.add_argument("--steps", type=int, default=None, help="exact: 50000 (stops earlier when converged); mc: 500")
+    p.add_argument("--steps", type=positive_int, help="exact: 50000 (stops earlier when converged); mc: 500")
     p.add_argument("--tol", type=float, default=1e-12, help="exact: stop when the update is below this (relative)")
     p.add_argument("--no-precondition", action="store_true", help="exact tabular: plain gradient ascent")
     p.add_argument("--lr", type=float, default=None, help="step size (exact: min(1, 1/beta); mc: 0.1)")
-    p.add_argument("--samples", type=int, default=8, help="mc: samples per step and seed")
-    p.add_argument("--seeds", type=int, default=16, help="mc: independent runs (vectorized)")
+    p.add_argument("--samples", type=positive_int, default=8, help="mc: samples per step and seed")
+    p.add_argument("--seeds", type=positive_int, default=16, help="mc: independent runs (vectorized)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     p.add_argument("--baseline", choices=["none", "mean", "rloo", "grpo"], default="rloo")
-    p.add_argument("--lag", type=int, default=0, help="mc: samples come from the policy this many steps ago")
-    p.add_argument("--clip", type=float, default=None, help="mc: PPO clip epsilon on the importance ratio")
+    p.add_argument("--lag", type=nonnegative_int, default=0, help="mc: sample from the policy this many steps ago")
+    p.add_argument("--clip", type=float, default=None, help="mc: PPO clip epsilon on the importance ratio, in [0, 1)")
     p.add_argument("--collapse-reward", type=float, default=0.01, help="mc: collapse when E[R] falls below this")
-    p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--no-trajectory", action="store_true", help="json: leave out the recorded trajectories")
-    p.add_argument("--out", default=None, help="also write train.png/.csv/.json into this folder")
     p.set_defaults(func=run_train)
 
 
@@ -110,7 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
         "version": __version__,
         **({"mc": mc} if mc else {}),
     }
-    if args.out:
+    if args.out is not None:
         from .figures_train import write_train_artifacts
 
         for path in write_train_artifacts(result, meta, args.out):

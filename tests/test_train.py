@@ -327,10 +327,16 @@ def test_cli_json_end_states_match_independent_fixed_points_on_an_unseen_problem
         (["--reward", "nope"], "unknown reward"),
         (["--beta", "0"], "positive"),
         (["--mode", "mc", "--model", "neural"], "tabular models only"),
+        (["--mode", "mc", "--clip", "1.5"], "[0, 1)"),
+        (["--vocab", "1"], "at least 2 tokens"),
+        (["--samples", "0"], "positive integer"),
     ],
 )
 def test_cli_usage_errors_exit_2(args, message, capsys):
-    rc = main(["train", "--vocab", "2", "--length", "2", "--steps", "5", "--reward", "binary:2", *args])
+    try:
+        rc = main(["train", "--vocab", "2", "--length", "2", "--steps", "5", "--reward", "binary:2", *args])
+    except SystemExit as exc:  # argparse rejects a bad flag value itself
+        rc = exc.code
     assert rc == 2
     assert message in capsys.readouterr().err
 
