@@ -15,8 +15,13 @@ with a = dL/dlogp (and c = dL/dlogp_full for estimators that read whole distribu
 * computes the coefficients for every group in one autograd pass over stacked groups;
 * sums them, weighted by the group's probability under mu, into per-response coefficients, so that E[g] is one
   weighted sum of grad log pi: a reshape-sum in closed form for tabular models, one backward pass otherwise;
-* computes E||g||^2 from per-sample norms (closed form for tabular models, torch.func otherwise) when B = 1 and
-  from the Jacobian (N, T, P) when B > 1;
+* when B = 1, writes each configuration as a linear combination sum_i alpha_i of shared *fields* (a basic
+  configuration: reward_coef x its reward part + loss_coef x its loss part), so E[g] = sum_i alpha_i E[g_i] and
+  E||g||^2 = sum_ij alpha_i alpha_j E[g_i . g_j], each field's mean and each pair's inner product computed once
+  per enumeration (closed form for tabular models; for others one per-token Jacobian pass gives the token Gram
+  (N, T, T) and the means of every field registered before it);
+* when B > 1, sums over the sorted groups (multisets, weighted by their orderings: a ``Recipe`` is symmetric in
+  the group's members) and takes E||g||^2 from the Jacobian (N, T, P);
 * computes the named directions (``biaslab.verdict.DIRECTIONS``) and KLs over complete responses, and applies
   the one verdict rule (``biaslab.verdict.exact_verdict``) against ``nominal * grad KL(pi || pi_ref)``.
 """
@@ -27,7 +32,7 @@ import functools
 import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -367,9 +372,12 @@ class ExactEngine:
         self._level_probs: list[Tensor] | None = None
         self._jac: Tensor | None = None
         self._gram: Tensor | bool | None = None
-        self._tok_factor: Tensor | None = None
+        self._tok_gram: Tensor | bool | None = None
         self._pair_gram: Tensor | bool | None = None
         self._value_grads: dict = {}
+        self._fields: dict = {}  # field key -> Coefficients of one response's update (B = 1)
+        self._means: dict = {}  # field key -> (P,) sum_n mu(y_n) g_n
+        self._dots: dict = {}  # (key, key) -> sum_n mu(y_n) g_n . g'_n
         self._full_enumeration = True  # tokens are all V**T sequences in base-V order (closed-form reshape sums)
         if self.chunk_size is None:
             self._setup(*enumerate_complete(self.V, self.T, eos))
@@ -436,7 +444,8 @@ class ExactEngine:
             sub = object.__new__(ExactEngine)
             sub.__dict__.update(self.__dict__)
             sub.chunk_size, sub._full_enumeration, sub._truths, sub._value_grads = None, False, None, {}
-            sub._tok_factor, sub._gram, sub._jac, sub._pair_gram = None, None, None, None
+            sub._tok_gram, sub._gram, sub._jac, sub._pair_gram = None, None, None, None
+            sub._fields, sub._means, sub._dots = {}, {}, {}
             n = torch.arange(start, min(start + self.chunk_size, self.N))
             tokens = (n.unsqueeze(1) // powers) % self.V  # (C, T)
             sub._setup(tokens, torch.ones(tokens.shape, dtype=DTYPE), check_total=False)
@@ -494,22 +503,52 @@ class ExactEngine:
             return torch.zeros(self.P, dtype=DTYPE)
         return self.flat(torch.autograd.grad(outputs, self.params, cotangents, retain_graph=True, allow_unused=True))
 
-    def per_sample_sq_norms(self, coef: Coefficients) -> Tensor:
-        """(N,) ||g(y)||^2 of one response's update for coefficients (N, T) [+ (N, T, V)]: closed form for tabular
-        models, torch.func otherwise."""
+    def per_sample_dots(self, x: Coefficients, y: Coefficients) -> Tensor:
+        """(N,) g_x(y_n) . g_y(y_n) of two coefficient sets (N, T) [+ (N, T, V)] on every response: the token Gram
+        (``token_gram``) for token coefficients; otherwise the closed form of tabular models (different tokens
+        touch different prefix rows), the full Gram, or torch.func."""
+        if x.full is None and y.full is None and self.token_gram() is not None:
+            g = self.token_gram()
+            if g.dim() == 2:  # tabular: diagonal, ||e_y - p_t||^2
+                return (x.tok * y.tok * g).sum(-1)
+            return torch.einsum("nt,nts,ns->n", x.tok, g, y.tok)
         if self.policy.closed_form_grads:
-            if coef.full is None:  # blocks of different tokens are different rows: sum_t a_t^2 ||e_y - p_t||^2
-                if self._tok_factor is None:
-                    self._tok_factor = self.policy.token_sq_norm_factor(self.tokens)  # (N, T)
-                return (coef.tok**2 * self._tok_factor).sum(-1)
-            return self.policy.per_sample_sq_norms(self.tokens, coef.tok, coef.full)
-        dense = coef.dense(self.tokens, self.V).reshape(self.N, -1)  # (N, T*V)
+            bx = self.policy.coefficient_blocks(self.tokens, x.tok, x.full, self._logp_full_det)  # (N, T, V)
+            by = bx if y is x else self.policy.coefficient_blocks(self.tokens, y.tok, y.full, self._logp_full_det)
+            return (bx * by).sum((-1, -2))
+        dx, dy = x.dense(self.tokens, self.V), y.dense(self.tokens, self.V)  # (N, T, V)
         gram = self.gram()
-        if gram is not None:  # one Jacobian pass per enumeration, then a quadratic form per configuration
-            return torch.einsum("ni,nij,nj->n", dense, gram, dense)
-        from .persample import per_sample_sq_norms
+        if gram is not None:  # one Jacobian pass per enumeration, then a quadratic form per pair of fields
+            return torch.einsum("ni,nij,nj->n", dx.reshape(self.N, -1), gram, dy.reshape(self.N, -1))
+        from .persample import per_sample_dots
 
-        return per_sample_sq_norms(self.policy, self.tokens, dense.view(self.N, self.T, self.V))
+        return per_sample_dots(self.policy, self.tokens, dx, dx if y is x else dy)
+
+    def token_gram(self) -> Tensor | None:
+        """G_n[t, s] = grad log pi(y_t|y_<t) . grad log pi(y_s|y_<s) of every response, built once per enumeration
+        and shared by every configuration: (N, T) diagonal 1 - 2 p_t(y_t) + ||p_t||^2 for tabular models (different
+        tokens, different rows), (N, T, T) from the per-token Jacobian otherwise, which the same pass contracts
+        with every field registered so far into its mean; None when it would not fit in the memory budget."""
+        if self._tok_gram is None:
+            if self.policy.closed_form_grads:
+                self._tok_gram = self.policy.token_sq_norm_factor(self.tokens, self._logp_full_det)  # (N, T)
+            elif self.N * self.T * (self.T + 1) * 8 > self._max_bytes // 2:
+                self._tok_gram = False
+            else:
+                from .persample import per_sample_token_jacobians
+
+                keys = [k for k, f in self._fields.items() if k not in self._means and f.full is None]
+                wa = self.mask.new_zeros(len(keys), self.N, self.T)  # (K, N, T) mu-weighted token coefficients
+                for i, k in enumerate(keys):
+                    wa[i] = self.prob_mu[:, None] * self._fields[k].tok
+                means = torch.zeros(len(keys), self.P, dtype=DTYPE)
+                gram = torch.empty(self.N, self.T, self.T, dtype=DTYPE)
+                for start, j in per_sample_token_jacobians(self.policy, self.tokens, self.mask):  # (n, T, P)
+                    gram[start : start + j.shape[0]] = j @ j.transpose(1, 2)
+                    means += torch.einsum("knt,ntp->kp", wa[:, start : start + j.shape[0]], j)
+                self._means.update(zip(keys, means))
+                self._tok_gram = gram
+        return self._tok_gram if self._tok_gram is not False else None
 
     def gram(self) -> Tensor | None:
         """(N, T*V, T*V) per-response Gram matrices of grad log pi(v|y_<t) (models without a closed form), built
@@ -525,21 +564,14 @@ class ExactEngine:
         return self._gram if self._gram is not False else None
 
     def jacobian(self) -> Tensor:
-        """(N, T, P) grad_theta log pi(y_t | y_<t) for every response token (0 on padding), by torch.func."""
+        """(N, T, P) grad_theta log pi(y_t | y_<t) for every response token (0 on padding): closed form for tabular
+        models, per-sample torch.func otherwise."""
         if self._jac is None and self.policy.closed_form_grads and hasattr(self.policy, "token_logp_jacobian"):
-            self._jac = self.policy.token_logp_jacobian(self.tokens, self.mask)  # closed form, no torch.func
+            self._jac = self.policy.token_logp_jacobian(self.tokens, self.mask, self._logp_full_det)
         if self._jac is None:
-            from torch.func import functional_call, jacrev
+            from .persample import per_sample_token_jacobians
 
-            names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
-            tokens, mask = self.tokens, self.mask
-
-            def f(params: tuple[Tensor, ...]) -> Tensor:
-                lp = functional_call(self.policy, dict(zip(names, params)), (tokens,), strict=False)  # (N, T, V)
-                return lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask  # (N, T)
-
-            jac = jacrev(f)(tuple(p.detach() for p in self.params))
-            self._jac = torch.cat([j.reshape(self.N, self.T, -1) for j in jac], -1)  # (N, T, P)
+            self._jac = torch.cat([j for _, j in per_sample_token_jacobians(self.policy, self.tokens, self.mask)])
         return self._jac
 
     # ------------------------------------------------------------------ truths
@@ -588,7 +620,8 @@ class ExactEngine:
         directions["zero"] = torch.zeros_like(directions["reverse_kl"])
         kl_rev = float((w * (lp - lr)).sum())
         kl_fwd = float((lr.exp() * (lr - lp)).sum())
-        score_sq = self.per_sample_sq_norms(Coefficients(m.clone(), None))  # (N,) ||grad log pi(y)||^2
+        score = Coefficients(m, None)
+        score_sq = self.per_sample_dots(score, score)  # (N,) ||grad log pi(y)||^2
         self._truths = Truths(kl_rev, kl_fwd, directions, math.sqrt(float((w * score_sq).sum())))
         return self._truths
 
@@ -638,15 +671,11 @@ class ExactEngine:
         if self.chunk_size is not None:
             self._value_grads[key] = self._sum_chunks(lambda sub: sub.expected_value_grad(config))
             return self._value_grads[key]
-        from .recipes import Recipe as _R
+        from .placements import make_config
+        from .recipes import token_values
 
-        view = _R(loss_estimator=est, loss_coef=1.0, level=config.level)
+        view = Recipe(loss_estimator=est, loss_coef=1.0, level=config.level)
         m, lr = self.mask, self._logp_ref_tok
-
-        def view_tokens(lp: Tensor) -> Tensor:  # (N, T) per-token values k(logp_t, logp_ref_t)
-            from .recipes import token_values
-
-            return token_values(est, lp, lr, m)
         w = self.weights
         if est.needs_full_logits:
             full = self._logp_full_det.clone().requires_grad_(True)
@@ -665,22 +694,59 @@ class ExactEngine:
                     elementwise=True,
                 )  # (N, 1)
                 d_tok = d_s * m
-            else:  # sum_t k(logp_t, logp_ref_t): element-wise when k is; checked against the general form
-                d_tok = value_derivative(lambda lp: view_tokens(lp * m) * m, self.logp, h, elementwise=True) * m
+            else:  # sum_t k(logp_t, logp_ref_t): element-wise when k is (checked against the general form), so
+                # taken at each distinct (prefix, token) only when the enumeration is every sequence in base-V order
+                tree = self.eos is None and self._full_enumeration
+                lp_u, lr_u, m_u = (self._distinct(x) for x in (self.logp, lr, m)) if tree else (self.logp, lr, m)
+                d_u = value_derivative(lambda lp: token_values(est, lp * m_u, lr_u, m_u) * m_u, lp_u, h,
+                                       elementwise=True) * m_u
+                d_tok = self._spread(d_u) if tree else d_u
                 check = d_tok[: min(self.N, 64)]
                 general = value_derivative(lambda lp: view.kl_estimate(lp * m[:64], lr[:64], m[:64]),
                                            self.logp[: check.shape[0]], h)
                 if not torch.allclose(check, general * m[: check.shape[0]], rtol=1e-6, atol=1e-12):
                     d_tok = value_derivative(lambda lp: view.kl_estimate(lp * m, lr, m), self.logp, h) * m
             wc = None
-        g = self.weighted_grad(w[:, None] * (big_k[:, None] * m + d_tok), wc)
+        if self.behaviour is None:  # weights pi = mu: the mean of field "K on every token" plus that of dK/dlogp
+            k_field = self._parts(make_config(est, "reward", config.level, "full"))[0][1]
+            d_field = self._parts(make_config(est, "loss", config.level))[0][1]
+            mine = Coefficients(d_tok, None if wc is None else d_full * m[..., None])
+            if not all(x is y or (x is not None and y is not None and torch.equal(x, y))
+                       for x, y in zip(self._field(d_field), mine)):  # a straight-through estimator: its own field
+                d_field = ("value", est, config.level)
+                self._fields[d_field] = mine
+            self._field(k_field)
+            g = self._field_mean(k_field) + self._field_mean(d_field)
+        else:
+            g = self.weighted_grad(w[:, None] * (big_k[:, None] * m + d_tok), wc)
         self._value_grads[key] = g
         return g
 
+    def _distinct(self, x: Tensor) -> Tensor:
+        """(sum_t V**(t+1), 1) the entries of x (N, T) at each distinct prefix y_<=t of the full base-V enumeration,
+        where column t repeats in blocks of V**(T-1-t) rows; ``_spread`` puts them back."""
+        return torch.cat([x[:: self.V ** (self.T - 1 - t), t] for t in range(self.T)]).unsqueeze(1)
+
+    def _spread(self, u: Tensor) -> Tensor:
+        """(N, T) from the distinct entries (sum_t V**(t+1), 1) of ``_distinct``."""
+        cols = u.squeeze(1).split([self.V ** (t + 1) for t in range(self.T)])
+        return torch.stack([c.repeat_interleave(self.V ** (self.T - 1 - t)) for t, c in enumerate(cols)], 1)
+
     # ------------------------------------------------------------------ coefficients over groups
 
-    def _group_chunks(self, chunk: int):
-        """Yield (idx (E, B) response indices, prob (E,) group probability under mu) over all N**B groups."""
+    def _group_chunks(self, chunk: int, symmetric: bool = False):
+        """Yield (idx (E, B) response indices, prob (E,) probability under mu) over all N**B ordered groups, or, for
+        an update symmetric in the group's members (``symmetric``: every ``Recipe``), over the sorted groups (one
+        per multiset) with prob = mu(group) x its number of orderings B! / prod_v (count of v)!."""
+        if symmetric and self.B > 1:
+            groups = torch.combinations(torch.arange(self.N), self.B, with_replacement=True)  # (M, B) sorted rows
+            earlier = torch.ones(self.B, self.B, dtype=torch.bool).tril(-1)  # [b, c]: c < b
+            rank = ((groups[:, :, None] == groups[:, None, :]) & earlier).sum(-1) + 1  # position within a run
+            orderings = math.factorial(self.B) / rank.prod(-1).to(DTYPE)  # (M,)
+            for start in range(0, groups.shape[0], chunk):
+                idx = groups[start : start + chunk]
+                yield idx, orderings[start : start + chunk] * self.prob_mu[idx].prod(-1)
+            return
         total = self.N**self.B
         powers = self.N ** torch.arange(self.B - 1, -1, -1)  # (B,)
         for start in range(0, total, chunk):
@@ -703,7 +769,7 @@ class ExactEngine:
         from .recipes import advantages
 
         s0 = s1 = s2 = 0.0
-        for idx, prob in self._group_chunks(chunk):
+        for idx, prob in self._group_chunks(chunk, isinstance(config, Recipe)):
             lp, lo, lr, m, rew = self._inputs(idx)
             adv = advantages(config, lo, lp, lr, m, rew)  # (E, B, T)
             s0 += float((prob[:, None, None] * m).sum())
@@ -767,13 +833,15 @@ class ExactEngine:
                 raise ValueError("whitened configurations need the whole enumeration in memory; use a smaller toy")
             return (*self._sum_chunks(lambda sub: sub.moments(config, chunk)[:2]), None)
         stats = self.whiten_stats(config) if getattr(config, "whiten", False) else None
-        if self.B == 1:
-            a, c = self.coefficients(config, None, stats)  # (N, 1, T), (N, 1, T, V)
-            a, c = a[:, 0], None if c is None else c[:, 0]
-            w = self.prob_mu
-            mean = self.weighted_grad(w[:, None] * a, None if c is None else w[:, None, None] * c)
-            second = float((w * self.per_sample_sq_norms(Coefficients(a, c))).sum())
-            return mean, second, (None if stats is None else stats[1])
+        if self.B == 1:  # g = sum_i alpha_i g_i: E g = sum_i alpha_i E g_i, E||g||^2 = sum_ij alpha_i alpha_j E g_i.g_j
+            parts = self._parts(config)
+            for _, key in parts:
+                self._field(key, stats)
+            mean = torch.zeros(self.P, dtype=DTYPE)
+            for alpha, key in parts:
+                mean += alpha * self._field_mean(key)
+            second = sum(ai * aj * self._field_dot(ki, kj) for ai, ki in parts for aj, kj in parts)
+            return mean, float(second), (None if stats is None else stats[1])
         if getattr(config, "needs_full_logits", False):
             raise ValueError("groups of B > 1 take per-token estimators only (no full-logit estimator)")
         gram = self.pair_gram()  # (N, T, N, T) or None
@@ -782,7 +850,7 @@ class ExactEngine:
         chunk = chunk or max(1, int(2e7 // per))
         acc = torch.zeros(self.N, self.T, dtype=DTYPE)  # per-response coefficients weighted by group probability
         second = 0.0
-        for idx, prob in self._group_chunks(chunk):
+        for idx, prob in self._group_chunks(chunk, isinstance(config, Recipe)):
             a, _ = self.coefficients(config, idx, stats)  # (E, B, T)
             acc.index_add_(0, idx.reshape(-1), (prob[:, None, None] * a).reshape(-1, self.T))
             if gram is not None:  # ||g||^2 = sum_{b,c} a_b^T G[y_b, y_c] a_c, no per-group P-vector
@@ -792,6 +860,53 @@ class ExactEngine:
                 g = torch.einsum("ebt,ebtp->ep", a, jac[idx])  # (E, P) one update per group
                 second += float(prob @ (g**2).sum(-1))
         return self.weighted_grad(acc, None), second, (None if stats is None else stats[1])
+
+    # ------------------------------------------------------------------ fields: one response's updates (B = 1)
+
+    def _parts(self, config) -> list[tuple[float, object]]:
+        """[(alpha_i, field key_i)] with config's coefficients = sum_i alpha_i (coefficients of field i), B = 1.
+
+        The basic on-policy configurations (``Recipe.is_plain``) are linear in their two KL coefficients, so each is
+        reward_coef x (its reward part alone) + loss_coef x (its loss part alone), and configurations sharing an
+        estimator and level share fields (the sequence-level reward credits K to every token whatever the credit);
+        any other configuration is its own field."""
+        if not (self.behaviour is None and isinstance(config, Recipe) and config.is_plain):
+            return [(1.0, config)]
+        part = replace(config, name="custom", reward_coef=0.0, loss_coef=0.0, reward_estimator=None,
+                       loss_estimator=None, reward_credit="rtg")
+        parts = []
+        if config.has_reward_kl:
+            credit = config.reward_credit if config.level == "token" else "rtg"
+            key = replace(part, reward_estimator=config.reward_estimator, reward_coef=1.0, reward_credit=credit)
+            parts.append((config.reward_coef, key))
+        if config.has_loss_kl:
+            parts.append((config.loss_coef, replace(part, loss_estimator=config.loss_estimator, loss_coef=1.0)))
+        return parts
+
+    def _field(self, key, whiten_stats=None) -> Coefficients:
+        """Coefficients (N, T) [+ (N, T, V)] of field ``key`` (a configuration) on every response alone, cached."""
+        if key not in self._fields:
+            a, c = self.coefficients(key, None, whiten_stats)  # (N, 1, T), (N, 1, T, V)
+            self._fields[key] = Coefficients(a[:, 0], None if c is None else c[:, 0])
+        return self._fields[key]
+
+    def _field_mean(self, key) -> Tensor:
+        """(P,) E_mu[g] = sum_n mu(y_n) g_n of a registered field (models without a closed form: from the per-token
+        Jacobian pass of ``token_gram`` when the field was registered before it, else one backward pass)."""
+        if key not in self._means and not self.policy.closed_form_grads and self._fields[key].full is None:
+            self.token_gram()
+        if key not in self._means:
+            f, w = self._fields[key], self.prob_mu
+            wc = None if f.full is None else w[:, None, None] * f.full
+            self._means[key] = self.weighted_grad(w[:, None] * f.tok, wc)
+        return self._means[key]
+
+    def _field_dot(self, ki, kj) -> float:
+        """E_mu[g_i . g_j] = sum_n mu(y_n) g_i(y_n) . g_j(y_n) of two registered fields."""
+        if (ki, kj) not in self._dots:
+            x, y = self._fields[ki], self._fields[kj]
+            self._dots[(ki, kj)] = self._dots[(kj, ki)] = float(self.prob_mu @ self.per_sample_dots(x, y))
+        return self._dots[(ki, kj)]
 
     def pair_gram(self) -> Tensor | None:
         """(N, T, N, T) inner products grad log pi(y_t|y_<t) . grad log pi(y'_s|y'_<s) of every pair of response
@@ -830,6 +945,11 @@ class ExactEngine:
         from .threads import small_problem_threads, work_size
 
         with small_problem_threads(work_size(self.N * self.B, self.T, self.V)):
+            if self.B == 1 and self.chunk_size is None:  # every field first: one Jacobian pass serves them all
+                for c in configs:
+                    if not getattr(c, "whiten", False):
+                        for _, key in self._parts(c):
+                            self._field(key)
             return [self.evaluate(c) for c in tqdm(configs, desc="exact", disable=not progress, leave=False)]
 
 

@@ -47,7 +47,6 @@ def exact_table(
 ) -> tuple[ExactEngine, list[ExactResult]]:
     """Evaluate every estimator x placement x level x credit configuration exactly."""
     engine = ExactEngine(policy, ref)
-    engine.truths()
     return engine, Results(engine.evaluate_all(all_configs(estimators), progress=progress))
 
 

@@ -228,21 +228,26 @@ class TabularAR(AutoregressiveModel):
     # sum_{t,v} c_ntv grad log pi(v | y_<t) (full coefficients c, (N, T, V)) has, at the prefix row of level t,
     # the block  a_nt e_{y_nt} + c_nt - p_t * (a_nt + sum_v c_ntv).  Blocks of different t are different rows.
 
-    def per_sample_sq_norms(self, tokens: Tensor, coef_tok: Tensor | None, coef_full: Tensor | None) -> Tensor:
-        """(N,) ||g_n||^2 in closed form for the coefficients above (either may be None)."""
-        logp_full = self(tokens).detach()  # (N, T, V)
-        p = logp_full.exp()
+    def coefficient_blocks(
+        self, tokens: Tensor, coef_tok: Tensor | None, coef_full: Tensor | None, logp_full: Tensor | None = None
+    ) -> Tensor:
+        """(N, T, V) the block a_nt e_{y_nt} + c_nt - p_t (a_nt + sum_v c_ntv) of each token's prefix row: g_n
+        restricted to the rows it touches (either coefficient may be None; ``logp_full`` (N, T, V): the
+        next-token log-probabilities when the caller has them, else one forward pass)."""
+        p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
         block = torch.zeros_like(p) if coef_full is None else coef_full.clone()  # (N, T, V)
         if coef_tok is not None:
             block.scatter_add_(-1, tokens.unsqueeze(-1), coef_tok.unsqueeze(-1))
-        block -= p * block.sum(-1, keepdim=True)
-        return (block**2).sum((-1, -2))  # (N,)
+        return block - p * block.sum(-1, keepdim=True)
 
-    def token_sq_norm_factor(self, tokens: Tensor) -> Tensor:
+    def per_sample_sq_norms(self, tokens: Tensor, coef_tok: Tensor | None, coef_full: Tensor | None) -> Tensor:
+        """(N,) ||g_n||^2 in closed form for the coefficients above (either may be None)."""
+        return (self.coefficient_blocks(tokens, coef_tok, coef_full) ** 2).sum((-1, -2))
+
+    def token_sq_norm_factor(self, tokens: Tensor, logp_full: Tensor | None = None) -> Tensor:
         """(N, T) ||e_{y_t} - p_t||^2 = 1 - 2 p_t(y_t) + ||p_t||^2: with token coefficients only,
-        ||g_n||^2 = sum_t a_nt^2 * factor_nt."""
-        logp_full = self(tokens).detach()  # (N, T, V)
-        p = logp_full.exp()
+        ||g_n||^2 = sum_t a_nt^2 * factor_nt (``logp_full`` (N, T, V) when the caller has it)."""
+        p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
         p_y = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
         return 1 - 2 * p_y + (p**2).sum(-1)
 
@@ -273,15 +278,16 @@ class TabularAR(AutoregressiveModel):
         V = self.vocab_size
         return torch.tensor([sum(V**s * V for s in range(t)) for t in range(self.length)], dtype=torch.long)
 
-    def token_logp_jacobian(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    def token_logp_jacobian(
+        self, tokens: Tensor, mask: Tensor | None = None, logp_full: Tensor | None = None
+    ) -> Tensor:
         """(N, T, P) d log pi(y_t | y_<t) / d theta in closed form (row t of sequence n: e_{y_t} - p_t at the
         block of its prefix row, zero elsewhere), times ``mask`` (N, T) when given (0 on padding). Equals
         torch.func.jacrev of the gathered log-probabilities without importing torch._dynamo (about 1.2 s of CPU
-        on the first torch.func call). Memory N * T * P floats."""
+        on the first torch.func call). Memory N * T * P floats; ``logp_full`` (N, T, V) spares a forward pass."""
         N, T = tokens.shape
         V = self.vocab_size
-        with torch.no_grad():
-            p = self(tokens).exp()  # (N, T, V)
+        p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
         block = -p
         block.scatter_add_(-1, tokens.unsqueeze(-1), torch.ones_like(p[..., :1]))  # e_y - p, (N, T, V)
         if mask is not None:
