@@ -18,13 +18,9 @@ expectation with grad KL(pi || pi_ref):
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -42,29 +38,12 @@ MODEL_KINDS = ("mixed", "tabular", "neural")
 
 def load_function(spec: str) -> Callable:
     """``path/to/file.py:NAME`` or ``package.module:NAME`` -> the callable NAME."""
+    from .cli import import_source
+
     if ":" not in spec:
         raise EstimatorError(f"expected MODULE_OR_FILE:FUNCTION, got {spec!r}")
     where, name = spec.rsplit(":", 1)
-    if where.endswith(".py") or Path(where).exists():
-        path = Path(where)
-        if not path.exists():
-            raise EstimatorError(f"{where}: no such file")
-        mod_spec = importlib.util.spec_from_file_location(f"_biaslab_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise EstimatorError(f"{where}: importing it raised {type(exc).__name__}: {exc}") from exc
-    else:
-        import sys
-
-        sys.path.insert(0, os.getcwd())  # `check mine:k3` finds mine.py in the current folder
-        try:
-            module = importlib.import_module(where)
-        except Exception as exc:
-            raise EstimatorError(f"cannot import module {where!r}: {exc}") from exc
-        finally:
-            sys.path.remove(os.getcwd())
+    module = import_source(where, EstimatorError)
     fn = getattr(module, name, None)
     if fn is None:
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))

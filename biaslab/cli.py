@@ -21,6 +21,7 @@ import sys
 from argparse import SUPPRESS
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from . import __version__
 from .estimators import Estimator, EstimatorError, get_estimator, register_estimator, registered_estimators
@@ -52,6 +53,7 @@ __all__ = [
     "build_parser",
     "kl_scale",
     "load_entry_points",
+    "import_source",
     "load_plugin",
     "main",
     "nonnegative_int",
@@ -209,28 +211,37 @@ def add_common_flags(
 # ---------------------------------------------------------------------------------------------- plugins
 
 
-def load_plugin(spec: str) -> None:
-    """Import ``spec`` (a .py file or a module name) so that its ``register_estimator`` calls take effect."""
-    path = Path(spec)
-    if spec.endswith(".py") or path.exists():
+def import_source(where: str, error: type[Exception] = PluginError, prefix: str = "") -> ModuleType:
+    """Import ``where``: a Python file (a name ending in .py, or an existing path) or a module name, looked up in the
+    current folder too (``check mine:k3`` finds mine.py). Failures raise ``error("<prefix>where: reason")``."""
+    path = Path(where)
+    if where.endswith(".py") or path.exists():
         if not path.is_file():
-            raise PluginError(f"--plugin {spec}: no such file")
-        name = f"_biaslab_plugin_{abs(hash(str(path.resolve())))}"
+            raise error(f"{prefix}{where}: no such file")
+        name = f"_biaslab_source_{abs(hash(str(path.resolve())))}"
         mod_spec = importlib.util.spec_from_file_location(name, path)
         if mod_spec is None or mod_spec.loader is None:
-            raise PluginError(f"--plugin {spec}: not a Python file")
+            raise error(f"{prefix}{where}: not a Python file")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[name] = module
         try:
             mod_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
-            raise PluginError(f"--plugin {spec}: importing it raised {type(exc).__name__}: {exc}") from exc
-        return
+            raise error(f"{prefix}{where}: importing it raised {type(exc).__name__}: {exc}") from exc
+        return module
+    sys.path.insert(0, os.getcwd())
     try:
-        importlib.import_module(spec)
+        return importlib.import_module(where)
     except Exception as exc:
-        raise PluginError(f"--plugin {spec}: cannot import it ({type(exc).__name__}: {exc})") from exc
+        raise error(f"{prefix}{where}: cannot import it ({type(exc).__name__}: {exc})") from exc
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def load_plugin(spec: str) -> None:
+    """Import ``spec`` (a .py file or a module name) so that its ``register_estimator`` calls take effect."""
+    import_source(spec, PluginError, "--plugin ")
 
 
 def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> list[str]:
@@ -288,35 +299,28 @@ def _estimator_names(text: str) -> list[str]:
 
 
 def _table(args: argparse.Namespace) -> int:
+    """``table`` (a random toy) and ``exact`` (``--logits``): the exact table as markdown, CSV or JSON."""
     from .table import exact_table, to_csv, to_json, to_markdown
-    from .toy import make_pair
 
     names = _estimator_names(args.estimators)
-    policy, ref = make_pair(args.model, args.vocab, args.length, seed=args.seed, kl_scale=args.kl_scale)
-    engine, results = exact_table(policy, ref, names, progress=args.progress)
-    meta = {"model": args.model, "seed": args.seed, "kl_scale": args.kl_scale, "version": __version__}
-    if args.format in ("md", "text"):
-        print(to_markdown(results, engine, title=f"Exact KL-gradient table ({args.model} toy, seed {args.seed})"))
-    elif args.format == "csv":
-        print(to_csv(results), end="")
+    if args.command == "exact":
+        from .io import load_logits_npz
+
+        policy, ref = load_logits_npz(args.logits)
+        title, meta = f"Exact KL-gradient table for {args.logits}", {"logits": str(args.logits)}
     else:
-        print(to_json(results, engine, meta=meta))
-    return 0
+        from .toy import make_pair
 
-
-def _exact(args: argparse.Namespace) -> int:
-    from .io import load_logits_npz
-    from .table import exact_table, to_csv, to_json, to_markdown
-
-    names = _estimator_names(args.estimators)
-    policy, ref = load_logits_npz(args.logits)
+        policy, ref = make_pair(args.model, args.vocab, args.length, seed=args.seed, kl_scale=args.kl_scale)
+        title = f"Exact KL-gradient table ({args.model} toy, seed {args.seed})"
+        meta = {"model": args.model, "seed": args.seed, "kl_scale": args.kl_scale}
     engine, results = exact_table(policy, ref, names, progress=args.progress)
     if args.format == "json":
-        print(to_json(results, engine, with_grad=True, meta={"logits": str(args.logits), "version": __version__}))
+        print(to_json(results, engine, with_grad=args.command == "exact", meta={**meta, "version": __version__}))
     elif args.format == "csv":
         print(to_csv(results), end="")
     else:
-        print(to_markdown(results, engine, title=f"Exact KL-gradient table for {args.logits}"))
+        print(to_markdown(results, engine, title=title))
     return 0
 
 
@@ -370,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", required=True, help="npz with policy_0..policy_{T-1}, ref_0..ref_{T-1}")
     p.add_argument("--estimators", default="k1,k2,k3,abs", help="comma-separated registered names")
     add_common_flags(p, formats=("json", "text", "md", "csv"))
-    p.set_defaults(func=_exact)
+    p.set_defaults(func=_table)
 
     p = sub.add_parser(
         "figures",

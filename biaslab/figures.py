@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .io import atomic_write_json, atomic_write_many, atomic_write_text, csv_text, to_json
+from .io import atomic_write_many, csv_text, to_json
 from .plotting import BIAS_FLOOR, legend_below, plot_bias_variance, plot_direction_matrix, png_bytes
 
 FigureFn = Callable[..., list[Path]]
@@ -44,7 +44,6 @@ class Artifact:
 
     ``add_*`` keep each file's bytes in memory; ``commit`` writes them all to temporary names in ``out`` and then
     renames them (``biaslab.io.atomic_write_many``), so an interrupted run leaves every figure's files from one run.
-    (``write_*`` write one file at once, for callers that do not need the set.)
     """
 
     out: Path
@@ -75,12 +74,6 @@ class Artifact:
 
     def commit(self) -> list[Path]:
         return atomic_write_many(self.files)
-
-    def write_csv(self, rows: list[dict], fields: list[str]) -> Path:
-        return atomic_write_text(self.path(".csv"), csv_text(rows, fields))
-
-    def write_meta(self, config: dict) -> Path:
-        return atomic_write_json(self.path(".json"), {"figure": self.stem, "biaslab_version": __version__, **config})
 
 
 # ---------------------------------------------------------------------------------------------- (e) Table 1
@@ -271,20 +264,8 @@ def mse(out: Path, quick: bool, progress: bool = False) -> list[Path]:
         for j, n in enumerate(ns):
             mean, lo, hi = mean_ci(errors[:, j], alpha=0.05)
             se = float(errors[:, j].std()) / rounds**0.5
-            rows.append(
-                {
-                    "config": label,
-                    "n": n,
-                    "rounds": rounds,
-                    "mse_mc": mean,
-                    "mse_se": se,
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "mse_exact": mse_prediction(e["bias_sq"], e["variance"], n),
-                    "bias_sq": e["bias_sq"],
-                    "variance": e["variance"],
-                }
-            )
+            values = (label, n, rounds, mean, se, lo, hi, mse_prediction(e["bias_sq"], e["variance"], n))
+            rows.append(dict(zip(MSE_FIELDS, (*values, e["bias_sq"], e["variance"]))))
     rows = art.add_csv(rows, MSE_FIELDS)
     art.add_png(_mse_plot(rows, ns, MSE_MODEL, rounds))
     art.add_meta(
@@ -322,31 +303,15 @@ def _mse_plot(rows: list[dict], ns: list[int], model: tuple, rounds: int):
     for label in labels:
         e = next(r for r in rows if r["config"] == label)
         st = style(label)
-        ax.plot(
-            grid,
-            e["bias_sq"] + e["variance"] / grid,
-            color=st["color"],
-            ls="-",
-            lw=1.5,
-            label=f"{label}: exact $\\|b\\|^2$ + tr Cov / N",
-        )
+        exact_label = f"{label}: exact $\\|b\\|^2$ + tr Cov / N"
+        ax.plot(grid, e["bias_sq"] + e["variance"] / grid, color=st["color"], ls="-", lw=1.5, label=exact_label)
         rs = [r for r in rows if r["config"] == label]
         x = [r["n"] for r in rs]
         y = [r["mse_mc"] for r in rs]
         low = [min(r["mse_mc"] - r["ci_low"], 0.95 * r["mse_mc"]) for r in rs]  # a log axis has no zero
         err = [low, [r["ci_high"] - r["mse_mc"] for r in rs]]
-        ax.errorbar(
-            x,
-            y,
-            yerr=err,
-            ls="none",
-            marker=st["marker"],
-            color=st["color"],
-            mfc="white",
-            ms=6,
-            capsize=3,
-            label=f"{label}: Monte Carlo, 95% CI",
-        )
+        ax.errorbar(x, y, yerr=err, ls="none", marker=st["marker"], color=st["color"], mfc="white", ms=6, capsize=3,
+                    label=f"{label}: Monte Carlo, 95% CI")
         if e["bias_sq"] > 0:
             ax.axhline(e["bias_sq"], color=st["color"], ls=":", lw=1)
     ax.set_xscale("log")
@@ -371,20 +336,8 @@ DIRECTION_MODELS_QUICK = (("tabular", 3, 3, 0, 1.0), ("neural", 3, 3, 0, 1.0))
 #: the named directions, in column order: those of ExactEngine.truths(), then the configuration's own grad E[K]
 DIRECTION_COLUMNS = ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token", "expected_value")
 DIRECTION_FIELDS = [
-    "model",
-    "vocab",
-    "length",
-    "seed",
-    "kl_scale",
-    "config",
-    "estimator",
-    "placement",
-    "level",
-    "credit",
-    "verdict",
-    "rel_bias",
-    "matches",
-    *[f"cos_{d}" for d in DIRECTION_COLUMNS],
+    *("model", "vocab", "length", "seed", "kl_scale", "config", "estimator", "placement", "level", "credit"),
+    *("verdict", "rel_bias", "matches", *[f"cos_{d}" for d in DIRECTION_COLUMNS]),
 ]
 
 
@@ -423,20 +376,10 @@ def direction_rows(model: str, V: int, T: int, seed: int, kl_scale: float) -> li
         dirs = {k: named[k] for k in DIRECTION_COLUMNS if k in named}
         dirs["expected_value"] = engine.evaluate(make_config(est, "both", level, "full")).expected_grad
         zero = r.verdict == "zero"
+        values = (model, V, T, seed, float(kl_scale), label, est, placement, level, credit, r.verdict, r.rel_bias)
         rows.append(
             {
-                "model": model,
-                "vocab": V,
-                "length": T,
-                "seed": seed,
-                "kl_scale": float(kl_scale),
-                "config": label,
-                "estimator": est,
-                "placement": placement,
-                "level": level,
-                "credit": credit,
-                "verdict": r.verdict,
-                "rel_bias": r.rel_bias,
+                **dict(zip(DIRECTION_FIELDS, values)),
                 "matches": ";".join(r.all_matches),
                 **{f"cos_{k}": float("nan") if zero else _cosine(r.expected_grad, dirs[k]) for k in DIRECTION_COLUMNS},
             }
@@ -494,20 +437,8 @@ VALUE_KLS = (0.005, 0.5)
 VALUE_MC = {"n": 2_000_000, "seeds": {0.005: 0, 0.5: 1}}
 VALUE_MC_QUICK = {"n": 200_000, "seeds": {0.005: 0, 0.5: 1}}
 VALUE_TOYS = (("tabular", 3, 4, 0), ("neural", 3, 4, 0))  # (model, V, T, seed)
-VALUE_FIELDS = [
-    "source",
-    "level",
-    "kl_target",
-    "kl",
-    "estimator",
-    "bias_over_true",
-    "std_over_true",
-    "bias_se",
-    "std_se",
-    "n_samples",
-    "seed",
-    "kl_scale",
-]
+VALUE_STATS = ("kl", "estimator", "bias_over_true", "std_over_true", "bias_se", "std_se")  # ValueStats fields
+VALUE_FIELDS = ["source", "level", "kl_target", *VALUE_STATS, "n_samples", "seed", "kl_scale"]
 
 
 @figure("values")
@@ -524,22 +455,8 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
 
     def add(source: str, level: str, target: float, stats: dict, n: int = 0, seed: object = "", scale: object = ""):
         for s in stats.values():
-            rows.append(
-                {
-                    "source": source,
-                    "level": level,
-                    "kl_target": target,
-                    "kl": s.kl,
-                    "estimator": s.estimator,
-                    "bias_over_true": s.bias_over_true,
-                    "std_over_true": s.std_over_true,
-                    "bias_se": s.bias_se,
-                    "std_se": s.std_se,
-                    "n_samples": n,
-                    "seed": seed,
-                    "kl_scale": scale,
-                }
-            )
+            rows.append({"source": source, "level": level, "kl_target": target,
+                         **{k: getattr(s, k) for k in VALUE_STATS}, "n_samples": n, "seed": seed, "kl_scale": scale})
 
     steps = [(kl, src) for kl in VALUE_KLS for src in ("closed", "mc", *[m[0] for m in VALUE_TOYS])]
     for kl, src in tqdm(steps, desc="values", disable=not progress, leave=False):

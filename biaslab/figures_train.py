@@ -66,15 +66,22 @@ def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict
 # ------------------------------------------------------------------------------------------ the exact paths
 
 
-@lru_cache(maxsize=2)
-def _path_result(quick: bool):
+def _problem():
+    """(start policy, reference, reward) of ``PATH_PROBLEM``."""
     from .toy import make_pair
-    from .train import TrainSetup, parse_configs, parse_reward, train
+    from .train import parse_reward
 
     p = PATH_PROBLEM
     policy, ref = make_pair("tabular", p["vocab"], p["length"], seed=p["seed"], kl_scale=p["kl_scale"])
-    reward = parse_reward(p["reward"], p["vocab"], p["length"], seed=p["seed"])
-    return train(TrainSetup(policy, ref, reward), parse_configs(PATH_CONFIGS), [p["beta"]], steps=PATH_STEPS[quick])
+    return policy, ref, parse_reward(p["reward"], p["vocab"], p["length"], seed=p["seed"])
+
+
+@lru_cache(maxsize=2)
+def _path_result(quick: bool):
+    from .train import TrainSetup, parse_configs, train
+
+    setup = TrainSetup(*_problem())
+    return train(setup, parse_configs(PATH_CONFIGS), [PATH_PROBLEM["beta"]], steps=PATH_STEPS[quick])
 
 
 def path_rows(result) -> list[dict]:
@@ -97,54 +104,34 @@ def path_rows(result) -> list[dict]:
     return rows
 
 
-PATH_FIELDS = [
-    "kind",
-    "config",
-    "beta",
-    "step",
-    "reward",
-    "reverse_kl",
-    "forward_kl",
-    "entropy",
-    "l1_reverse_kl_optimum",
-    "l1_forward_kl_optimum",
-    "l1_forward_kl_token_fixed_point",
-    "l1_reverse_kl_token_fixed_point",
-    "verdict",
-]
+PATH_FIELDS = ["kind", "config", "beta", "step", "reward", "reverse_kl", "forward_kl", "entropy",
+               *[f"l1_{name}" for name in TARGET_MARKERS], "verdict"]
 
 
-def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
-    """Run rows grouped by configuration (and beta, when there are several)."""
+def _by_run(rows: list[dict]):
+    """(name, run rows, colour, line style, line width) per run: rows grouped by configuration (and beta, when there
+    are several); k1 in the loss is drawn thick and dashed on top of "none", which it equals."""
     betas = {r["beta"] for r in rows if r["kind"] == "run"}
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r["kind"] == "run":
             key = str(r["config"]) + (f" (beta {r['beta']:g})" if len(betas) > 1 else "")
             out.setdefault(key, []).append(r)
-    return out
+    for name, rs in out.items():
+        ls, lw = ("--", 3.0) if name.startswith("k1:loss") else ("-", 1.2)
+        yield name, rs, CONFIG_COLORS.get(name.split(" ")[0]), ls, lw
 
 
 def plot_paths(ax, rows: list[dict]) -> None:
     """Reward against reverse KL along each run, the targets as large markers."""
-    for name, rs in _by_run(rows).items():
-        color = CONFIG_COLORS.get(name.split(" ")[0])
-        ls, lw = ("--", 3.0) if name.startswith("k1:loss") else ("-", 1.2)  # drawn on top of "none", which it equals
+    for name, rs, color, ls, lw in _by_run(rows):
         ax.plot([r["reverse_kl"] for r in rs], [r["reward"] for r in rs], ls, lw=lw, color=color, label=name)
         ax.plot(rs[-1]["reverse_kl"], rs[-1]["reward"], "o", ms=3, color=color)
     for r in rows:
         if r["kind"] == "target":
             marker, color = TARGET_MARKERS[str(r["config"])]
-            ax.plot(
-                r["reverse_kl"],
-                r["reward"],
-                marker,
-                ms=13,
-                mfc="none",
-                mew=1.6,
-                color=color,
-                label=f"target: {r['config']}",
-            )
+            ax.plot(r["reverse_kl"], r["reward"], marker, ms=13, mfc="none", mew=1.6, color=color,
+                    label=f"target: {r['config']}")
     ax.set_xlabel("reverse KL(pi || pi_ref)")
     ax.set_ylabel("E_pi[R]")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -152,9 +139,7 @@ def plot_paths(ax, rows: list[dict]) -> None:
 
 def plot_entropy(ax, rows: list[dict]) -> None:
     """Entropy of pi against the step (log x) for each run; target entropies as dotted lines."""
-    for name, rs in _by_run(rows).items():
-        color = CONFIG_COLORS.get(name.split(" ")[0])
-        ls, lw = ("--", 3.0) if name.startswith("k1:loss") else ("-", 1.2)
+    for name, rs, color, ls, lw in _by_run(rows):
         ax.plot([r["step"] + 1 for r in rs], [r["entropy"] for r in rs], ls, lw=lw, color=color, label=name)
     for r in rows:
         if r["kind"] == "target":
@@ -213,47 +198,24 @@ def fixed_point_entropy_rows(quick: bool) -> list[dict]:
         q_cond = [torch.softmax(x.detach(), -1) for x in ref.levels]
         reward = parse_reward(spec, V, T, seed=1000 + i)
         for beta in ENTROPY_BETAS[quick]:
-            tg = targets(q_cond, reward, beta)
-            h = {k: float(entropy(v)) for k, v in tg.items()}
-            rows.append(
-                {
-                    "problem": i,
-                    "vocab": V,
-                    "length": T,
-                    "reward": spec,
-                    "beta": beta,
-                    "h_pi_star": h["reverse_kl_optimum"],
-                    "h_forward_token": h["forward_kl_token_fixed_point"],
-                    "h_forward_seq": h["forward_kl_optimum"],
-                    "h_reverse_token": h["reverse_kl_token_fixed_point"],
-                    "diff": h["forward_kl_token_fixed_point"] - h["reverse_kl_optimum"],
-                }
-            )
+            h = {k: float(entropy(v)) for k, v in targets(q_cond, reward, beta).items()}
+            pi_star, fwd_token = h["reverse_kl_optimum"], h["forward_kl_token_fixed_point"]
+            values = (i, V, T, spec, beta, pi_star, fwd_token, h["forward_kl_optimum"],
+                      h["reverse_kl_token_fixed_point"], fwd_token - pi_star)
+            rows.append(dict(zip(ENTROPY_FIELDS, values)))
     return rows
+
+
+ENTROPY_FIELDS = ["problem", "vocab", "length", "reward", "beta", "h_pi_star", "h_forward_token", "h_forward_seq",
+                  "h_reverse_token", "diff"]
 
 
 def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     """H(k3-in-loss fixed point) - H(pi*) on random problems, per beta (closed forms)."""
     rows = fixed_point_entropy_rows(quick)
-    fields = [
-        "problem",
-        "vocab",
-        "length",
-        "reward",
-        "beta",
-        "h_pi_star",
-        "h_forward_token",
-        "h_forward_seq",
-        "h_reverse_token",
-        "diff",
-    ]
-    meta = {
-        "problems": ENTROPY_PROBLEMS[quick],
-        "betas": ENTROPY_BETAS[quick],
-        "ref_seeds": "1000 + problem",
-        "quick": quick,
-    }
-    art, parsed, fig = _write(out, "train_fixed_point_entropy", rows, fields, meta, (6.5, 3.6))
+    meta = {"problems": ENTROPY_PROBLEMS[quick], "betas": ENTROPY_BETAS[quick], "ref_seeds": "1000 + problem",
+            "quick": quick}
+    art, parsed, fig = _write(out, "train_fixed_point_entropy", rows, ENTROPY_FIELDS, meta, (6.5, 3.6))
     ax = fig.add_subplot()
     betas = sorted({r["beta"] for r in parsed})
     data = [[r["diff"] for r in parsed if r["beta"] == b] for b in betas]
@@ -273,12 +235,10 @@ def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) ->
 
 
 def _mc(config: str, beta: float, quick: bool, **kw) -> dict:
-    from .toy import make_pair
-    from .train import MonteCarloTrainer, TabularProblem, parse_config, parse_reward
+    from .train import MonteCarloTrainer, TabularProblem, parse_config
 
-    p = PATH_PROBLEM
-    policy, ref = make_pair("tabular", p["vocab"], p["length"], seed=p["seed"], kl_scale=p["kl_scale"])
-    pb = TabularProblem(ref, parse_reward(p["reward"], p["vocab"], p["length"], seed=p["seed"]))
+    policy, ref, reward = _problem()
+    pb = TabularProblem(ref, reward)
     start = pb.stack([lvl.detach() for lvl in policy.levels])
     size = MC_SIZES[quick]
     trainer = MonteCarloTrainer(pb, parse_config(config), beta, seeds=size["seeds"], seed=0, **MC_FIXED, **kw)

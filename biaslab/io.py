@@ -19,7 +19,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,10 +30,11 @@ from .toy import ModelError, TabularAR
 # ---------------------------------------------------------------------------------------------- JSON
 
 
-def jsonable(obj: object) -> object:
+def jsonable(obj: object, default: Callable[[object], object] | None = None) -> object:
     """``obj`` as plain JSON types: float NaN/inf become None (recursively, also inside numpy/torch arrays), numpy
     and torch scalars and arrays become numbers and lists, paths become strings, enums their values, dataclasses
-    dicts, tuples and sets lists. Strings pass through unchanged."""
+    dicts, tuples and sets lists. Strings pass through unchanged. Anything else is ``default(obj)`` (e.g. ``str``)
+    or a TypeError."""
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, int):
@@ -41,26 +42,28 @@ def jsonable(obj: object) -> object:
     if isinstance(obj, float):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, str) else k: jsonable(v) for k, v in obj.items()}
+        return {str(k) if not isinstance(k, str) else k: jsonable(v, default) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        return [jsonable(v) for v in items]
+        return [jsonable(v, default) for v in items]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if isinstance(obj, enum.Enum):
-        return jsonable(obj.value)
+        return jsonable(obj.value, default)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return jsonable({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+        return jsonable({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, default)
     if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays and scalars, torch tensors
-        return jsonable(obj.tolist())
+        return jsonable(obj.tolist(), default)
     if hasattr(obj, "item") and callable(obj.item):
-        return jsonable(obj.item())
+        return jsonable(obj.item(), default)
+    if default is not None:
+        return default(obj)
     raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
 
 
-def to_json(obj: object, indent: int | None = 2) -> str:
+def to_json(obj: object, indent: int | None = 2, default: Callable[[object], object] | None = None) -> str:
     """Strict JSON text of ``obj`` (see ``jsonable``): never a bare NaN or Infinity, user strings untouched."""
-    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+    return json.dumps(jsonable(obj, default), indent=indent, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- files

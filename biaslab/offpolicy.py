@@ -16,6 +16,7 @@ import copy
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .exact import ExactEngine
 from .toy import AutoregressiveModel
@@ -33,19 +34,6 @@ def exact_loss_grad(
     return beta * engine.truths().grad_reverse - engine.task_grad()
 
 
-def _set_flat(model: AutoregressiveModel, vec: Tensor) -> None:
-    i = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(vec[i : i + p.numel()].view_as(p))
-                i += p.numel()
-
-
-def _get_flat(model: AutoregressiveModel) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
 def updated(
     model: AutoregressiveModel,
     ref: AutoregressiveModel,
@@ -59,8 +47,11 @@ def updated(
     if steps < 0 or lr < 0:
         raise ValueError(f"steps and lr must be >= 0, got {steps}, {lr}")
     out = copy.deepcopy(model)
+    params = [p for p in out.parameters() if p.requires_grad]
     for _ in range(steps):
-        _set_flat(out, _get_flat(out) - lr * exact_loss_grad(out, ref, eos, beta, task_reward))
+        step = lr * exact_loss_grad(out, ref, eos, beta, task_reward)  # (P,) in the order of out.parameters()
+        with torch.no_grad():
+            vector_to_parameters(parameters_to_vector(params) - step, params)
     return out
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from pathlib import Path
-
-from .io import atomic_write_bytes
 
 BIAS_FLOOR = 1e-12
 
@@ -85,11 +82,6 @@ def png_bytes(fig, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight")
     return buf.getvalue()
-
-
-def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Render ``fig`` with ``png_bytes`` and write it atomically."""
-    return atomic_write_bytes(path, png_bytes(fig, dpi))
 
 
 def direction_groups(rows: Sequence[dict]) -> tuple[list[tuple[float, float, list[str], str]], list[str]]:

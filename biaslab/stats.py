@@ -1,5 +1,5 @@
 """Statistics of per-sample gradient estimates: mergeable moments, bias tests with confidence intervals,
-the smallest bias a test can detect, and the exact MSE prediction.
+the smallest bias a test can detect, binomial bounds and intervals, and the exact MSE prediction.
 
 Notation: g_1..g_n are i.i.d. per-sample gradient estimates (vectors of P numbers) with mean m = E[g] and
 covariance Sigma; r is the reference gradient (exact, or itself estimated from n_r samples of an unbiased
@@ -358,6 +358,15 @@ def binomial_bounds(n: int, p: float, failure_rate: float = 1e-3) -> tuple[int, 
 
     lo = int(stats.binom.ppf(failure_rate / 2, n, p))
     hi = int(stats.binom.isf(failure_rate / 2, n, p))
+    return lo, hi
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact two-sided (1 - alpha) binomial confidence interval for k successes in n trials (beta quantiles)."""
+    from scipy.stats import beta
+
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
     return lo, hi
 
 

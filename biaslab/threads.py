@@ -52,7 +52,7 @@ def requested_threads() -> int | None:
     try:
         k = int(raw)
     except ValueError:
-        raise ValueError(f"{ENV_VAR} must be a positive int or 'auto'; got {raw!r}") from None
+        k = 0
     if k < 1:
         raise ValueError(f"{ENV_VAR} must be a positive int or 'auto'; got {raw!r}")
     return k

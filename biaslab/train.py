@@ -36,6 +36,7 @@ from .fixedpoints import TARGETS, entropy, kl, sequence_log_probs, sequence_prob
 from .montecarlo import loss_coefficients
 from .placements import Coefficients, make_config, surrogate_coefficients
 from .recipes import Recipe
+from .stats import clopper_pearson
 from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
 
 if TYPE_CHECKING:  # a configuration from make_config (the core's one configuration type)
@@ -576,15 +577,6 @@ def baseline_advantage(reward: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown baseline {kind!r}; choose one of: {', '.join(BASELINES)}")
 
 
-def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Exact two-sided (1 - alpha) binomial confidence interval for k successes in n trials."""
-    from scipy.stats import beta as beta_dist
-
-    lo = 0.0 if k == 0 else float(beta_dist.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta_dist.ppf(1 - alpha / 2, k + 1, n - k))
-    return lo, hi
-
-
 class MonteCarloTrainer:
     """Stochastic training of one configuration, all seeds at once (logits (S, P, V)).
 
@@ -723,16 +715,11 @@ class MonteCarloTrainer:
                 "collapse_fraction": k / S,
             }
         )
+        settings = ("optimizer", "lr", "baseline", "lag", "clip", "seed", "collapse_reward")
         mc = {
             "samples": N,
             "seeds": S,
-            "optimizer": self.optimizer,
-            "lr": self.lr,
-            "baseline": self.baseline,
-            "lag": self.lag,
-            "clip": self.clip,
-            "seed": self.seed,
-            "collapse_reward": self.collapse_reward,
+            **{name: getattr(self, name) for name in settings},
             "collapsed": k,
             "collapse_fraction": k / S,
             "collapse_ci95": [lo, hi],

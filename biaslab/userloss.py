@@ -25,6 +25,7 @@ has expectation 0 on-policy) is what an engine subtracts when it judges the KL p
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Mapping
 
@@ -98,7 +99,6 @@ class UserLoss:
         name: str | None = None,
         vectorize: str = "auto",
         compute_dtype: torch.dtype | None = None,
-        _self_reference: bool = False,
     ) -> None:
         if not callable(fn):
             raise UserLossError(f"the loss must be callable, got {type(fn).__name__}")
@@ -112,7 +112,7 @@ class UserLoss:
         self.vectorize = vectorize
         self.mode: str | None = None if vectorize == "auto" else vectorize
         self.mode_note = "" if vectorize == "auto" else f"{vectorize} (requested)"
-        self.self_reference = _self_reference
+        self.self_reference = False  # True in ``without_kl``: ref_logp := old_logp
         self.compute_dtype: torch.dtype | None = compute_dtype  # the precision the verdict's tolerance assumes
 
     # ---------------------------------------------------------------- the rule interface
@@ -127,17 +127,8 @@ class UserLoss:
 
     def without_kl(self) -> UserLoss:
         """The same function with the behaviour policy as its own reference (KL values 0; module docstring)."""
-        other = UserLoss(
-            self.fn,
-            self.beta,
-            self.agg,
-            self.horizon,
-            self.name,
-            self.vectorize,
-            self.compute_dtype,
-            _self_reference=True,
-        )
-        other.mode, other.mode_note = self.mode, self.mode_note
+        other = copy.copy(self)  # the same settings, vectorization mode and compute dtype
+        other.self_reference = True
         return other
 
     def nominal_scale(self, batch_size: int, length: int, whiten_std: float | None = None) -> float:
@@ -225,14 +216,8 @@ class UserLoss:
     ) -> Tensor:
         """(E,) the function's loss on each stacked group; inputs (E, B, T), ``task_reward`` (E, B) or None."""
         if logp.dim() == 2:  # a single group (B, T)
-            return self.batch_loss(
-                logp[None],
-                logp_old[None],
-                logp_ref[None],
-                mask[None],
-                None if task_reward is None else task_reward[None],
-                whiten_stats,
-            )[0]
+            task = None if task_reward is None else task_reward[None]
+            return self.batch_loss(logp[None], logp_old[None], logp_ref[None], mask[None], task, whiten_stats)[0]
         lo, lr, m = logp_old.detach(), logp_ref.detach(), mask.to(logp.dtype)
         r = torch.zeros(logp.shape[:-1], dtype=logp.dtype) if task_reward is None else task_reward.to(logp.dtype)
         if self.mode is None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError
+from .base import Key, Preset
 
 KL = {name: clamped(name, output_clamp=10.0, name=f"{name}_areal") for name in ("k1", "k2", "k3")}
 P = "actor."
@@ -38,11 +38,9 @@ class AReaL(Preset):
         Key("gconfig.n_samples", 4, "int"),
     )
     search_keys = (P + "kl_estimator", P + "adv_norm.std_level", P + "adv_norm.mean_level")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        for k in (P + "discount", P + "gae_lambda"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+    group_key = "gconfig.n_samples"
+    lag_keys = (P + "ppo_n_minibatches",)
+    unit_keys = (P + "discount", P + "gae_lambda")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         coef = float(cfg[P + "kl_ctl"])
@@ -60,18 +58,6 @@ class AReaL(Preset):
             pg_clip=(eps, eps),
             pg_agg="token-mean",
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["gconfig.n_samples"])
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg[P + "ppo_n_minibatches"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return f"{P}ppo_n_minibatches={cfg[P + 'ppo_n_minibatches']}"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = ["KL in the token rewards from the old log-probs, GAE with values 0: the discounted reward-to-go"]

@@ -209,23 +209,11 @@ class AuditTable(list):
         return rows_frame(list(self))
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, progress: bool | None, unit: str = "scenario"):
-    """A tqdm bar on stderr once the work has run 3 s (``progress`` True), or none (False / None)."""
-    if not progress:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(total=total, desc="biaslab audit", unit=unit, delay=3.0, leave=False)
+    """A tqdm bar on stderr once the work has run 3 s (``progress`` True), or a disabled one (False / None)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="biaslab audit", unit=unit, delay=3.0, leave=False, disable=not progress)
 
 
 @dataclass
@@ -368,10 +356,10 @@ def audit(
             "version": preset.version,
             "functions": preset.functions,
             "sources": preset.sources,
-            "settings": {k: v for k, v in (settings or {}).items()} if not lenient else read,
+            "settings": dict(settings or {}) if not lenient else read,
             "read": read,
             "ignored": ignored,
-            "kl_enabled_by_audit": {k: v for k, v in changed.items()},
+            "kl_enabled_by_audit": dict(changed),
             "recipe": recipe.describe(),
             "toy": _toy_json(toy, eng, requested),
             "updates_per_rollout": lag,
@@ -455,13 +443,11 @@ def audit_loss(
     Same scenarios, rows and JSON layout as a preset audit; the top-level ``verdict`` is the on-policy
     fixed-length one. ``dtype`` adds a ``precision`` report (value and gradient error against float64).
     """
-    from ..userloss import UserLoss, UserLossError, precision_report
+    from ..userloss import DTYPES, UserLoss, UserLossError, precision_report
 
     toy = toy or AuditToy()
     if not (isinstance(group_size, int) and group_size >= 1):
         raise UserLossError(f"group_size must be a positive integer, got {group_size!r}")
-    from ..userloss import DTYPES
-
     cdt = None
     if compute_dtype is not None:
         if compute_dtype not in DTYPES and compute_dtype != "float64":

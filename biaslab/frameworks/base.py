@@ -8,6 +8,7 @@ reproduces the framework's formulas through ``biaslab.recipes`` and its estimato
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ class Preset:
     keys: tuple[Key, ...] = ()
     search_keys: tuple[str, ...] = ()  # keys the nearest-unbiased search may change
     strip_prefixes: tuple[str, ...] = ("--",)
+    aliases: Mapping[str, str] = {}  # other spellings of a key -> its name
+    group_key: str = ""  # the key holding the responses per prompt B ('' : B = 1)
+    kl_switch: Mapping[str, object] = {}  # the keys ``enable_kl`` sets (the framework docs' way to switch KL on)
+    lag_keys: tuple[str, ...] = ()  # keys whose product is ``updates_per_rollout`` (a preset may override both)
+    unit_keys: tuple[str, ...] = ()  # keys that must lie in [0, 1] (discounts)
+    positive_keys: tuple[str, ...] = ()  # keys that must be >= 1 (epochs, batch sizes)
 
     def key(self, name: str) -> Key:
         for k in self.keys:
@@ -100,7 +107,7 @@ class Preset:
         for p in self.strip_prefixes:
             if name.startswith(p):
                 name = name[len(p) :]
-        return name
+        return self.aliases.get(name, name)
 
     def defaults(self) -> dict[str, object]:
         return {k.name: k.default for k in self.keys}
@@ -111,6 +118,12 @@ class Preset:
         for raw_name, raw in (settings or {}).items():
             k = self.key(self.normalize_name(raw_name))
             cfg[k.name] = k.parse(raw)
+        for k in self.unit_keys:
+            if not 0.0 <= cfg[k] <= 1.0:
+                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+        for k in self.positive_keys:
+            if cfg[k] < 1:
+                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
         self.validate(cfg)
         return cfg
 
@@ -135,15 +148,15 @@ class Preset:
         return self.config(read), read, ignored
 
     def validate(self, cfg: dict[str, object]) -> None:
-        """Raise ``PresetError`` for combinations the framework itself rejects."""
+        """Raise ``PresetError`` for combinations the framework itself rejects (beyond the key ranges)."""
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         """Optimizer updates fed by one rollout batch (1: every update on-policy)."""
-        return 1
+        return math.prod(int(cfg[k]) for k in self.lag_keys)
 
     def lag_reason(self, cfg: Mapping[str, object]) -> str:
         """The keys behind ``updates_per_rollout``, for the notes."""
-        return ""
+        return " x ".join(f"{k}={cfg[k]}" for k in self.lag_keys)
 
     def needs_critic(self, cfg: Mapping[str, object]) -> bool:
         """True when the configuration trains a value network (the audit takes the critic as 0)."""
@@ -176,10 +189,10 @@ class Preset:
 
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
         """(cfg with KL switched on the way the framework's docs do it, the keys changed)."""
-        raise NotImplementedError
+        return {**cfg, **self.kl_switch}, dict(self.kl_switch)
 
     def group_size(self, cfg: Mapping[str, object]) -> int:
-        return 1
+        return int(cfg[self.group_key]) if self.group_key else 1
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         """Modelling assumptions worth printing next to a verdict."""

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..aggregation import AGG_MODES
+from ..io import to_json
 from ..recipes import RecipeError
 from ..userloss import UserLossError
 from .audit import COLUMNS, fmt_value, records
@@ -74,21 +75,6 @@ def parse_sets(items: list[str]) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
-
-
-def _clean(obj: object) -> object:
-    """JSON-safe: NaN/inf floats become null (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _json(obj: object) -> str:
-    return json.dumps(_clean(obj), indent=2, default=str, allow_nan=False)
 
 
 def _num(x: object) -> str:
@@ -193,7 +179,7 @@ def _table(report: dict | list[dict], fmt: str) -> str:
 
 def _emit(report, fmt: str, text) -> None:
     if fmt == "json":
-        print(_json(report))
+        print(to_json(report, default=str))
     elif fmt in ("csv", "md"):
         print(_table(report, fmt))
     else:

@@ -56,6 +56,7 @@ class EasyR1(Preset):
         "algorithm.adv_estimator",
         "worker.actor.loss_avg_mode",
     )
+    group_key = "worker.rollout.n"
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg["worker.actor.global_batch_size"] < 1 or cfg["data.rollout_batch_size"] < 1:
@@ -88,9 +89,6 @@ class EasyR1(Preset):
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
         changed = {"algorithm.disable_kl": False} if cfg["algorithm.disable_kl"] else {}
         return {**cfg, **changed}, changed
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["worker.rollout.n"])
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         mini = math.ceil(cfg["data.rollout_batch_size"] / cfg["worker.actor.global_batch_size"])

@@ -73,17 +73,12 @@ class NemoRL(Preset):
         G + "use_leave_one_out_baseline",
         G + "normalize_rewards",
     )
-
-    def normalize_name(self, name: str) -> str:
-        name = super().normalize_name(name)
-        return self.aliases.get(name, name)
+    group_key = "grpo.num_generations_per_prompt"
+    positive_keys = ("grpo.num_prompts_per_step", "policy.train_global_batch_size", "grpo.num_generations_per_prompt")
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg[L + "ratio_clip_c"] is not None and not cfg[L + "ratio_clip_c"] > 1:
             raise PresetError(f"{L}ratio_clip_c (dual clip) must be > 1, got {cfg[L + 'ratio_clip_c']}")
-        for k in ("grpo.num_prompts_per_step", "policy.train_global_batch_size", "grpo.num_generations_per_prompt"):
-            if cfg[k] < 1:
-                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
     def estimator(self, cfg: Mapping[str, object]):
         base = estimator_of(KL_TYPES, L + "reference_policy_kl_type", cfg[L + "reference_policy_kl_type"])
@@ -126,12 +121,6 @@ class NemoRL(Preset):
             loss_weight="ratio" if cfg[L + "use_on_policy_kl_approximation"] else "score",
             loss_agg=agg,
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["grpo.num_generations_per_prompt"])
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         samples = cfg["grpo.num_prompts_per_step"] * cfg["grpo.num_generations_per_prompt"]

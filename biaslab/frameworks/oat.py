@@ -32,6 +32,8 @@ class Oat(Preset):
         Key("cliprange", 0.2, "float"),
     )
     search_keys = ("critic_type",)
+    group_key = "num_samples"
+    lag_keys = ("num_ppo_epochs",)
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta, kp = float(cfg["beta"]), float(cfg["kl_penalty_coef"])
@@ -49,15 +51,3 @@ class Oat(Preset):
             loss_coef=beta,
             loss_agg="seq-mean-token-mean",
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_samples"])
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_ppo_epochs"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return f"num_ppo_epochs={cfg['num_ppo_epochs']}"

@@ -76,6 +76,9 @@ class OpenRLHF(Preset):
         "algo.advantage.estimator",
         "actor.loss_agg_mode",
     )
+    group_key = "rollout.n_samples_per_prompt"
+    unit_keys = ("algo.advantage.gamma", "algo.advantage.lambd")
+    positive_keys = ("rollout.batch_size", "train.batch_size", "train.max_epochs")
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg["actor.dual_clip"] is not None and cfg["actor.dual_clip"] <= 1.0:
@@ -83,12 +86,6 @@ class OpenRLHF(Preset):
         adv = cfg["algo.advantage.estimator"]
         if adv in ("rloo", "reinforce_baseline", "group_norm", "dr_grpo") and cfg["rollout.n_samples_per_prompt"] < 2:
             raise PresetError(f"algo.advantage.estimator={adv} requires rollout.n_samples_per_prompt > 1 (as OpenRLHF)")
-        for k in ("algo.advantage.gamma", "algo.advantage.lambd"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
-        for k in ("rollout.batch_size", "train.batch_size", "train.max_epochs"):
-            if cfg[k] < 1:
-                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         est = estimator_of(KL_VALUES, "algo.kl.estimator", cfg["algo.kl.estimator"])
@@ -130,12 +127,6 @@ class OpenRLHF(Preset):
         if adv == "gae":
             return float(cfg["algo.advantage.gamma"]) * float(cfg["algo.advantage.lambd"])
         return float(cfg["algo.advantage.gamma"]) if adv == "reinforce" else 1.0
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["rollout.n_samples_per_prompt"])
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         samples = cfg["rollout.batch_size"] * cfg["rollout.n_samples_per_prompt"]

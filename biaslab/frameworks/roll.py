@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, estimator_of
 
 KL_PENALTY = {"kl": "k1", "abs": "abs", "mse": "k2"}
 K3_LOSS = clamped("k3", output_clamp=10.0, name="k3_roll")
@@ -59,11 +59,10 @@ class Roll(Preset):
         Key("importance_sampling", "token", "choice", ("token",), why="seq / manual_on_policy are not modelled"),
     )
     search_keys = ("use_kl_loss", "add_token_level_kl", "kl_penalty", "loss_agg_mode", "adv_estimator")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        for k in ("gamma", "lambd"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+    group_key = "num_return_sequences_in_group"
+    kl_switch = {"use_kl_loss": True, "kl_loss_coef": 0.001}
+    lag_keys = ("ppo_epochs",)
+    unit_keys = ("gamma", "lambd")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["adv_estimator"]
@@ -86,19 +85,6 @@ class Roll(Preset):
             loss_coef=float(cfg["kl_loss_coef"]) if use_l else 0.0,
             loss_agg=cfg["loss_agg_mode"],
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        changed = {"use_kl_loss": True, "kl_loss_coef": 0.001}
-        return {**cfg, **changed}, changed
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_return_sequences_in_group"])
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["ppo_epochs"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return f"ppo_epochs={cfg['ppo_epochs']}"
 
     def needs_critic(self, cfg: Mapping[str, object]) -> bool:
         return cfg["adv_estimator"] == "gae"

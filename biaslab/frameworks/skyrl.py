@@ -55,13 +55,12 @@ class SkyRL(Preset):
         P + "advantage_estimator",
         P + "grpo_norm_by_std",
     )
+    group_key = "generator.n_samples_per_prompt"
+    unit_keys = (P + "gamma", P + "lambd")
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg[P + "use_kl_loss"] and cfg[P + "use_kl_in_reward"]:
             raise PresetError(f"{P}use_kl_loss and {P}use_kl_in_reward are mutually exclusive in SkyRL")
-        for k in (P + "gamma", P + "lambd"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         est = estimator_of(KL_TYPES, P + "kl_estimator_type", cfg[P + "kl_estimator_type"])
@@ -84,15 +83,6 @@ class SkyRL(Preset):
             loss_coef=coef if use_l else 0.0,
             loss_agg="seq-mean-token-mean",
         )
-
-    def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
-        return super().search_values(name, cfg)
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["generator.n_samples_per_prompt"])
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         mini = math.ceil(cfg["trainer.train_batch_size"] / cfg["trainer.policy_mini_batch_size"])

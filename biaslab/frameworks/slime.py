@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, estimator_of
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", "low_var_kl": clamped("k3", output_clamp=10.0, name="k3_outclamp")}
 ESTIMATORS = ("grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -48,11 +48,9 @@ class Slime(Preset):
         Key("global-batch-size", None, "int", nullable=True),
     )
     search_keys = ("kl-loss-type", "use-unbiased-kl", "use-kl-loss", "advantage-estimator", "calculate-per-token-loss")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        for k in ("gamma", "lambd"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
+    group_key = "n-samples-per-prompt"
+    kl_switch = {"use-kl-loss": True, "kl-loss-coef": 0.001}
+    unit_keys = ("gamma", "lambd")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["advantage-estimator"]
@@ -86,13 +84,6 @@ class Slime(Preset):
             loss_weight="ratio" if cfg["use-unbiased-kl"] else "none",
             loss_agg=agg,
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        changed = {"use-kl-loss": True, "kl-loss-coef": 0.001}
-        return {**cfg, **changed}, changed
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["n-samples-per-prompt"])
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         if cfg["rollout-batch-size"] is None or cfg["global-batch-size"] is None:

@@ -40,6 +40,8 @@ class MsSwift(Preset):
         Key("num_iterations", 1, "int"),
     )
     search_keys = ("kl_in_reward", "advantage_estimator", "loss_type", "scale_rewards")
+    group_key = "num_generations"
+    lag_keys = ("num_iterations",)
 
     @staticmethod
     def resolved(cfg: Mapping[str, object]) -> tuple[bool, str]:
@@ -82,18 +84,6 @@ class MsSwift(Preset):
             loss_coef=beta if in_l else 0.0,
             loss_agg=agg,
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_generations"])
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_iterations"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return f"num_iterations={cfg['num_iterations']}"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         if self.resolved(cfg)[1] == "batch":

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError
+from .base import Key, Preset
 
 
 class Tinker(Preset):
@@ -31,10 +31,10 @@ class Tinker(Preset):
         Key("num_substeps", 1, "int"),
     )
     search_keys = ("kl_discount_factor",)
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        if not 0.0 <= cfg["kl_discount_factor"] <= 1.0:
-            raise PresetError(f"kl_discount_factor must lie in [0, 1], got {cfg['kl_discount_factor']}")
+    group_key = "group_size"
+    kl_switch = {"kl_penalty_coef": 0.01}
+    lag_keys = ("num_substeps",)
+    unit_keys = ("kl_discount_factor",)
 
     def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
         if name == "kl_discount_factor":
@@ -59,19 +59,6 @@ class Tinker(Preset):
             pg_ratio="token",
             pg_agg="token-sum",
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        changed = {"kl_penalty_coef": 0.01}
-        return {**cfg, **changed}, changed
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["group_size"])
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_substeps"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return f"num_substeps={cfg['num_substeps']}"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         return [

@@ -24,7 +24,7 @@ class TorchForge(Preset):
         Key("beta", 0.1, "float"),
         Key("group_size", 8, "int"),
     )
-    search_keys = ()
+    group_key = "group_size"
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
@@ -37,9 +37,3 @@ class TorchForge(Preset):
             loss_coef=beta,
             loss_agg="seq-mean-token-mean",
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["group_size"])

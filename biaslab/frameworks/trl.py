@@ -46,11 +46,9 @@ class TRLGRPO(Preset):
         Key("gradient_accumulation_steps", 1, "int"),
     )
     search_keys = ("use_bias_correction_kl", "loss_type", "scale_rewards", "importance_sampling_level")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        for k in ("num_iterations", "gradient_accumulation_steps", "max_completion_length", "num_generations"):
-            if cfg[k] < 1:
-                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
+    group_key = "num_generations"
+    kl_switch = {"beta": 0.04}
+    positive_keys = ("num_iterations", "gradient_accumulation_steps", "max_completion_length", "num_generations")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
@@ -81,13 +79,6 @@ class TRLGRPO(Preset):
             f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']}"
         )
 
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        changed = {"beta": 0.04}
-        return {**cfg, **changed}, changed
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_generations"])
-
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = ["KL in the loss only (TRL's GRPOTrainer has no KL-in-reward option)"]
         if cfg["scale_rewards"] == "batch":
@@ -114,21 +105,14 @@ class TRLPPO(Preset):
         Key("cliprange", 0.2, "float"),
         Key("gamma", 1.0, "float"),
         Key("lam", 0.95, "float"),
-        Key("whiten_rewards", False, "bool", why="reward whitening is not modelled"),
+        Key("whiten_rewards", False, "bool", (False,), why="reward whitening is not modelled"),
         Key("num_ppo_epochs", 4, "int"),
         Key("num_mini_batches", 1, "int"),
     )
     search_keys = ("kl_estimator", "lam")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        if cfg["whiten_rewards"]:
-            raise PresetError("whiten_rewards=true is not modelled; accepted values: false")
-        for k in ("lam", "gamma"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
-        for k in ("num_ppo_epochs", "num_mini_batches"):
-            if cfg[k] < 1:
-                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
+    lag_keys = ("num_ppo_epochs", "num_mini_batches")
+    unit_keys = ("lam", "gamma")
+    positive_keys = lag_keys
 
     def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
         if name == "lam":
@@ -150,15 +134,6 @@ class TRLPPO(Preset):
             pg_clip=(eps, eps),
             pg_agg="token-mean",
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_ppo_epochs"]) * int(cfg["num_mini_batches"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return f"num_ppo_epochs={cfg['num_ppo_epochs']} x num_mini_batches={cfg['num_mini_batches']}"
 
     def needs_critic(self, cfg: Mapping[str, object]) -> bool:
         return True
@@ -187,6 +162,9 @@ class TRLRLOO(Preset):
         Key("gradient_accumulation_steps", 1, "int"),
     )
     search_keys = ("normalize_advantages",)
+    group_key = "num_generations"
+    updates_per_rollout = TRLGRPO.updates_per_rollout  # the same generation / accumulation keys
+    lag_reason = TRLGRPO.lag_reason
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg["num_generations"] < 2:
@@ -208,19 +186,6 @@ class TRLRLOO(Preset):
             pg_clip=(eps, hi),
             pg_agg="seq-mean-token-sum",
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        return dict(cfg), {}
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["num_generations"])
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        spg = cfg["steps_per_generation"] or cfg["gradient_accumulation_steps"]
-        return int(cfg["num_iterations"]) * max(1, math.ceil(spg / cfg["gradient_accumulation_steps"]))
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return TRLGRPO.lag_reason(self, cfg)  # type: ignore[arg-type]
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = ["k1 from the rollout log-probs, summed per response, subtracted from the reward (KL in reward)"]

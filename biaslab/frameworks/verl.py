@@ -101,18 +101,14 @@ class Verl(Preset):
         "algorithm.adv_estimator",
         "algorithm.norm_adv_by_std_in_grpo",
     )
+    group_key = "actor_rollout_ref.rollout.n"
+    kl_switch = {A + "use_kl_loss": True}
+    unit_keys = ("algorithm.gamma", "algorithm.lam")
+    positive_keys = (group_key, A + "ppo_epochs", A + "ppo_mini_batch_size", "data.train_batch_size")
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg[A + "clip_ratio_c"] <= 1.0:
             raise PresetError(f"{A}clip_ratio_c must be > 1 (verl asserts it), got {cfg[A + 'clip_ratio_c']}")
-        if cfg["actor_rollout_ref.rollout.n"] < 1:
-            raise PresetError("actor_rollout_ref.rollout.n must be >= 1")
-        for k in ("algorithm.gamma", "algorithm.lam"):
-            if not 0.0 <= cfg[k] <= 1.0:
-                raise PresetError(f"{k} must lie in [0, 1], got {cfg[k]}")
-        for k in (A + "ppo_epochs", A + "ppo_mini_batch_size", "data.train_batch_size"):
-            if cfg[k] < 1:
-                raise PresetError(f"{k} must be >= 1, got {cfg[k]}")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["algorithm.adv_estimator"]
@@ -151,13 +147,6 @@ class Verl(Preset):
             loss_agg=cfg[A + "loss_agg_mode"],
             horizon=cfg[A + "loss_scale_factor"],
         )
-
-    def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
-        changed = {A + "use_kl_loss": True}
-        return {**cfg, **changed}, changed
-
-    def group_size(self, cfg: Mapping[str, object]) -> int:
-        return int(cfg["actor_rollout_ref.rollout.n"])
 
     def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
         """ppo_epochs x (train_batch_size / ppo_mini_batch_size) optimizer steps per rollout batch (both sizes
