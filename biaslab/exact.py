@@ -40,7 +40,7 @@ from torch import Tensor
 from .placements import Coefficients, TokenBatch
 from .recipes import Recipe
 from .toy import DTYPE, AutoregressiveModel, ModelError
-from .verdict import DIRECTIONS, Verdict, exact_verdict, true_gradient_is_zero
+from .verdict import DIRECTIONS, Directions, Verdict, exact_verdict, true_gradient_is_zero
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("BIASLAB_MAX_BYTES", 4 * 2**30)))
 MAX_GROUPS = 2_000_000
@@ -296,6 +296,19 @@ def value_derivative(fn, x: Tensor, h: float, elementwise: bool = False, levels:
     return torch.where(use_auto, auto, out)
 
 
+def _all_finite(x: Tensor) -> bool:
+    """No NaN or inf in x: its sum is finite (one pass, no temporary), else (an overflowing sum) every element."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _check_finite(config, a: Tensor, c: Tensor | None) -> None:
+    if not _all_finite(a) or (c is not None and not _all_finite(c)):
+        raise ValueError(
+            f"{config.label}: the update is non-finite (NaN/inf) for some groups, e.g. a division by a zero "
+            "group std with grpo_eps = 0"
+        )
+
+
 class ExactEngine:
     """Enumerate every complete response (and group) and evaluate configurations exactly (module docstring).
 
@@ -369,12 +382,14 @@ class ExactEngine:
                 raise ValueError(f"task_reward must be a finite ({self.N},) tensor, one value per complete response")
         self.task_reward = task_reward
         self._truths: Truths | None = None
+        self._directions: Directions | None = None
         self._level_probs: list[Tensor] | None = None
         self._jac: Tensor | None = None
         self._gram: Tensor | bool | None = None
         self._tok_gram: Tensor | bool | None = None
         self._pair_gram: Tensor | bool | None = None
         self._value_grads: dict = {}
+        self._kl: dict = {}  # (estimator, level) -> its values and derivative on every response (``_kl_values``)
         self._fields: dict = {}  # field key -> Coefficients of one response's update (B = 1)
         self._means: dict = {}  # field key -> (P,) sum_n mu(y_n) g_n
         self._dots: dict = {}  # (key, key) -> sum_n mu(y_n) g_n . g'_n
@@ -398,13 +413,12 @@ class ExactEngine:
             with torch.no_grad():
                 self.logp_ref_full = ref.log_probs(self.tokens)  # (N, T, V)
         self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T), differentiable
-        self._logp_ref_tok = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T)
         self._logp_full_det = self.logp_full.detach()  # (N, T, V)
         self.logp = self._logp_tok.detach()  # (N, T) masked log pi(y_t|y_<t)
-        self.logp_ref = self._logp_ref_tok  # (N, T)
-        self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self._logp_ref_tok)
+        self.logp_ref = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T) masked
+        self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self.logp_ref)
         self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
-        self.logp_ref_seq = self._logp_ref_tok.sum(-1)  # (N,)
+        self.logp_ref_seq = self.logp_ref.sum(-1)  # (N,)
         self.weights = self.logp_seq.detach().exp()  # (N,) pi(y)
         total = float(self.weights.sum())
         if check_total and abs(total - 1) > 1e-9:
@@ -445,7 +459,7 @@ class ExactEngine:
             sub.__dict__.update(self.__dict__)
             sub.chunk_size, sub._full_enumeration, sub._truths, sub._value_grads = None, False, None, {}
             sub._tok_gram, sub._gram, sub._jac, sub._pair_gram = None, None, None, None
-            sub._fields, sub._means, sub._dots = {}, {}, {}
+            sub._fields, sub._means, sub._dots, sub._kl = {}, {}, {}, {}
             n = torch.arange(start, min(start + self.chunk_size, self.N))
             tokens = (n.unsqueeze(1) // powers) % self.V  # (C, T)
             sub._setup(tokens, torch.ones(tokens.shape, dtype=DTYPE), check_total=False)
@@ -609,14 +623,25 @@ class ExactEngine:
             return self._truths
         w, m = self.weights, self.mask  # (N,), (N, T)
         lp, lr = self.logp_seq.detach(), self.logp_ref_seq  # (N,)
-        lp_full, lr_full = self._logp_full_det, self.logp_ref_full  # (N, T, V)
-        mw = (w[:, None] * m)[..., None]  # (N, T, 1)
         directions = {
             "reverse_kl": self.weighted_grad((w * (lp - lr + 1))[:, None] * m, None),
             "forward_kl": self.weighted_grad(-lr.exp()[:, None] * m, None),
-            "forward_kl_token": self.weighted_grad(None, -mw * lr_full.exp()),
-            "reverse_kl_token": self.weighted_grad(None, mw * lp_full.exp() * (lp_full - lr_full + 1)),
         }
+        token_kls = {  # (full log-probs of pi, of pi_ref) -> coefficient of grad log pi(v|prefix)
+            "forward_kl_token": lambda lp, lr: -lr.exp(),
+            "reverse_kl_token": lambda lp, lr: lp.exp() * (lp - lr + 1),
+        }
+        if self.policy.closed_form_grads and self.eos is None and self._full_enumeration:
+            # at each distinct prefix (level t: V**t rows, every V**(T-t)-th response), weighted by its probability
+            V, T = self.V, self.T
+            rows = [(w.view(V**t, -1).sum(1, keepdim=True), self._logp_full_det[:: V ** (T - t), t],
+                     self.logp_ref_full[:: V ** (T - t), t]) for t in range(T)]
+            for name, f in token_kls.items():
+                directions[name] = self.policy.level_grad([p * f(a, b) for p, a, b in rows], self._level_probs)
+        else:
+            mw = (w[:, None] * m)[..., None]  # (N, T, 1)
+            for name, f in token_kls.items():
+                directions[name] = self.weighted_grad(None, mw * f(self._logp_full_det, self.logp_ref_full))
         directions["zero"] = torch.zeros_like(directions["reverse_kl"])
         kl_rev = float((w * (lp - lr)).sum())
         kl_fwd = float((lr.exp() * (lr - lp)).sum())
@@ -639,10 +664,6 @@ class ExactEngine:
                 (w[:, None] * m * (p_full * (self.logp_full - self.logp_ref_full)).sum(-1)).sum()
             ),
         }
-
-    def kl_reverse(self) -> float:
-        """KL(pi || pi_ref) over complete responses."""
-        return self.truths().kl_reverse
 
     def task_grad(self) -> Tensor:
         """(P,) grad E_pi[R] = sum_y pi(y) R(y) grad log pi(y) (zeros without a task reward)."""
@@ -675,18 +696,14 @@ class ExactEngine:
         from .recipes import token_values
 
         view = Recipe(loss_estimator=est, loss_coef=1.0, level=config.level)
-        m, lr = self.mask, self._logp_ref_tok
+        m, lr = self.mask, self.logp_ref
         w = self.weights
+        values, d_tok, d_full = self._kl_values(est, config.level)
+        big_k = values if config.level == "sequence" else (values * m).sum(-1)  # (N,) K(y)
         if est.needs_full_logits:
-            full = self._logp_full_det.clone().requires_grad_(True)
-            big_k = view.kl_estimate(self.logp, lr, m, (full, self.logp_ref_full))  # (N,)
-            (d_full,) = torch.autograd.grad(big_k.sum(), full)
-            d_tok, big_k = torch.zeros_like(self.logp), big_k.detach()
             wc = w[:, None, None] * d_full
         else:
             h = float(torch.finfo(config_dtype(config)).eps) ** 0.2
-            with torch.no_grad():
-                big_k = view.kl_estimate(self.logp, lr, m)  # (N,)
             if config.level == "sequence":  # K = k(S, S_ref) with S = sum_t logp_t: dK/dlogp_t = dK/dS
                 s_ref = lr.sum(-1, keepdim=True)  # (N, 1)
                 d_s = value_derivative(
@@ -710,7 +727,7 @@ class ExactEngine:
         if self.behaviour is None:  # weights pi = mu: the mean of field "K on every token" plus that of dK/dlogp
             k_field = self._parts(make_config(est, "reward", config.level, "full"))[0][1]
             d_field = self._parts(make_config(est, "loss", config.level))[0][1]
-            mine = Coefficients(d_tok, None if wc is None else d_full * m[..., None])
+            mine = Coefficients(d_tok, d_full)
             if not all(x is y or (x is not None and y is not None and torch.equal(x, y))
                        for x, y in zip(self._field(d_field), mine)):  # a straight-through estimator: its own field
                 d_field = ("value", est, config.level)
@@ -780,13 +797,6 @@ class ExactEngine:
         return mean, math.sqrt(max(var, 1e-8))
 
     def _loss_coefficients(self, config, idx: Tensor | None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
-        if idx is None and self.behaviour is None and getattr(config, "is_plain", False):
-            from .placements import surrogate_coefficients  # make_config's direct path (tests: equal to batch_loss)
-
-            coef = surrogate_coefficients(
-                config, self.tokens, self._logp_full_det, self.logp_ref_full, self.logp, self.logp_ref, self.mask
-            )
-            return coef.tok[:, None], None if coef.full is None else coef.full[:, None]
         lp, lo, lr, m, rew = self._inputs(idx)
         leaf = lp.clone().requires_grad_(True)  # (E, B, T)
         full = None
@@ -807,9 +817,55 @@ class ExactEngine:
             c = torch.zeros_like(full[0]) if grads[1] is None else grads[1]
         return a, c
 
+    def _kl_values(self, est, level: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(values, d_tok (N, T), d_full (N, T, V) or None) of estimator ``est`` on every response, once per
+        enumeration: the detached token values k (N, T) (0 on padding; sequence level: K (N,)) and the autograd
+        derivative of sum_t k_t (K) with respect to the token (and full) log-probabilities, 0 on padding."""
+        key = (est, level)
+        if key not in self._kl:
+            from .recipes import sequence_values, token_values
+
+            m = self.mask
+            leaf = self.logp.clone().requires_grad_(True)
+            full = (self._logp_full_det.clone().requires_grad_(True),) if est.needs_full_logits else ()
+            with torch.enable_grad():
+                if level == "sequence":
+                    values = sequence_values(est, leaf, self.logp_ref, m)  # (N,)
+                    total = values.sum()
+                else:
+                    values = token_values(est, leaf, self.logp_ref, m, (*full, self.logp_ref_full) if full else None)
+                    total = (values * m).sum()
+            grads = torch.autograd.grad(total, [leaf, *full], allow_unused=True) if total.requires_grad else [None] * 2
+            d_tok = torch.zeros_like(leaf) if grads[0] is None else grads[0] * m
+            d_full = None
+            if full:
+                d_full = torch.zeros_like(full[0]) if grads[1] is None else grads[1] * m[..., None]
+            self._kl[key] = (values.detach(), d_tok.detach(), d_full)
+        return self._kl[key]
+
+    def _plain_coefficients(self, config) -> tuple[Tensor, Tensor | None]:
+        """make_config's direct path, on-policy, every response alone: reward_coef x the credit of the estimator's
+        values + loss_coef x their derivative (``_kl_values``; the tests check it equals ``batch_loss``)."""
+        from .recipes import kl_credit
+
+        terms, c = [], None
+        if config.has_reward_kl:
+            credit = kl_credit(config, self._kl_values(config.reward_estimator, config.level)[0], self.mask)[0]
+            terms.append(config.reward_coef * credit)
+        if config.has_loss_kl:
+            _, d_tok, d_full = self._kl_values(config.loss_estimator, config.level)
+            terms.append(config.loss_coef * d_tok)
+            c = None if d_full is None else config.loss_coef * d_full
+        a = sum(terms[1:], terms[0]) if terms else torch.zeros_like(self.logp)
+        return a[:, None], None if c is None else c[:, None]
+
     def coefficients(self, config, idx: Tensor | None = None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
         """(a (E, B, T), c (E, B, T, V) or None): dL/dlogp of every group's loss (the KL part when a task reward
         is set); ``idx`` (E, B) response indices (default: every response alone, B = 1)."""
+        if idx is None and self.behaviour is None and getattr(config, "is_plain", False):
+            a, c = self._plain_coefficients(config)  # the KL part alone, masked
+            _check_finite(config, a, c)
+            return a, c
         a, c = self._loss_coefficients(config, idx, whiten_stats)
         if self.task_reward is not None and hasattr(config, "without_kl"):
             a0, c0 = self._loss_coefficients(config.without_kl(), idx, whiten_stats)
@@ -819,11 +875,7 @@ class ExactEngine:
         if c is not None:
             c = c * m.unsqueeze(-1)
         a = a * m
-        if not torch.isfinite(a).all() or (c is not None and not torch.isfinite(c).all()):
-            raise ValueError(
-                f"{config.label}: the update is non-finite (NaN/inf) for some groups, e.g. a division by a zero "
-                "group std with grpo_eps = 0"
-            )
+        _check_finite(config, a, c)
         return a, c
 
     def moments(self, config, chunk: int | None = None) -> tuple[Tensor, float, float | None]:
@@ -919,10 +971,6 @@ class ExactEngine:
                 self._pair_gram = (j @ j.T).view(self.N, self.T, self.N, self.T)
         return self._pair_gram if self._pair_gram is not False else None
 
-    def expected_grad(self, config) -> Tensor:
-        """(P,) E[g] over groups drawn from mu."""
-        return self.moments(config)[0]
-
     # ------------------------------------------------------------------ verdicts
 
     def evaluate(self, config) -> ExactResult:
@@ -931,10 +979,12 @@ class ExactEngine:
         mean, second, wstd = self.moments(config)
         variance = max(second - float(mean @ mean), 0.0)
         nominal = config.nominal_scale(self.B, self.T, wstd)
-        directions = {k: v for k, v in tr.directions.items() if k != "zero"}
+        if self._directions is None:  # stacked once per engine (batched dot products in the verdict rule)
+            self._directions = Directions({k: v for k, v in tr.directions.items() if k != "zero"})
+        directions = self._directions
         ev = self.expected_value_grad(config) if isinstance(config, Recipe) else None
         if ev is not None:
-            directions["expected_value"] = ev
+            directions = directions.extended({"expected_value": ev})
         info = exact_verdict(mean, directions, nominal, math.sqrt(max(second, 0.0)), tr.undefined, config_dtype(config))
         return ExactResult(config, mean.detach(), variance, nominal, info)
 

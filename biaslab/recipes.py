@@ -354,9 +354,16 @@ def kl_reward_credit(
     mask = torch.ones_like(logp_at) if mask is None else mask
     est = recipe.reward_estimator
     if recipe.level == "sequence":
-        big_k = sequence_values(est, logp_at, logp_ref, mask).detach()  # (...,)
-        return big_k.unsqueeze(-1) * mask, big_k
-    k = token_values(est, logp_at, logp_ref, mask, full).detach()  # (..., T)
+        return kl_credit(recipe, sequence_values(est, logp_at, logp_ref, mask).detach(), mask)
+    return kl_credit(recipe, token_values(est, logp_at, logp_ref, mask, full).detach(), mask)
+
+
+def kl_credit(recipe: Recipe, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``kl_reward_credit`` from the detached KL values: token values k (..., T), 0 on padding, or at sequence
+    level the values K (...)."""
+    if recipe.level == "sequence":
+        return values.unsqueeze(-1) * mask, values
+    k = values
     if recipe.reward_kl_center == "group_token_mean":  # k over (..., B, T): subtract the group's token mean
         mean = k.sum((-1, -2), keepdim=True) / mask.sum((-1, -2), keepdim=True).clamp(min=1)
         k = (k - mean) * mask
@@ -538,6 +545,7 @@ __all__ = [
     "advantages",
     "batch_loss",
     "kl_loss_values",
+    "kl_credit",
     "kl_reward_credit",
     "kl_token_loss",
     "importance_ratio",

@@ -41,7 +41,7 @@ class AutoregressiveModel(nn.Module):
     """A distribution over sequences y in {0..V-1}^T: log pi(y) = sum_t log pi(y_t | y_<t).
 
     Capability flags (class attributes):
-        closed_form_grads: the model computes per-sample gradient norms in closed form (``per_sample_sq_norms``);
+        closed_form_grads: the model computes per-sample gradient norms in closed form (``coefficient_blocks``);
             otherwise the engines use torch.func.
     """
 
@@ -240,10 +240,6 @@ class TabularAR(AutoregressiveModel):
             block.scatter_add_(-1, tokens.unsqueeze(-1), coef_tok.unsqueeze(-1))
         return block - p * block.sum(-1, keepdim=True)
 
-    def per_sample_sq_norms(self, tokens: Tensor, coef_tok: Tensor | None, coef_full: Tensor | None) -> Tensor:
-        """(N,) ||g_n||^2 in closed form for the coefficients above (either may be None)."""
-        return (self.coefficient_blocks(tokens, coef_tok, coef_full) ** 2).sum((-1, -2))
-
     def token_sq_norm_factor(self, tokens: Tensor, logp_full: Tensor | None = None) -> Tensor:
         """(N, T) ||e_{y_t} - p_t||^2 = 1 - 2 p_t(y_t) + ||p_t||^2: with token coefficients only,
         ||g_n||^2 = sum_t a_nt^2 * factor_nt (``logp_full`` (N, T, V) when the caller has it)."""
@@ -260,18 +256,22 @@ class TabularAR(AutoregressiveModel):
         ``probs`` may hold the cached next-token probabilities of each level.
         """
         V, T = self.vocab_size, self.length
-        probs = probs if probs is not None else self.level_probs()
         wa_t = None if wa_tok is None else wa_tok.t().contiguous()  # (T, N)
-        out = []
+        tables = []
         for t in range(T):
-            p = probs[t]  # (V**t, V)
-            acc = torch.zeros_like(p)
+            acc = torch.zeros(V**t, V, dtype=DTYPE)
             if wa_t is not None:
                 acc += wa_t[t].view(V ** (t + 1), V ** (T - t - 1)).sum(1).view(V**t, V)
             if wc_full is not None:
                 acc += wc_full[:, t].reshape(V**t, V ** (T - t), V).sum(1)
-            out.append((acc - p * acc.sum(-1, keepdim=True)).reshape(-1))
-        return torch.cat(out)
+            tables.append(acc)
+        return self.level_grad(tables, probs)
+
+    def level_grad(self, tables: list[Tensor], probs: list[Tensor] | None = None) -> Tensor:
+        """(P,) sum_t sum_{row, v} c_t[row, v] grad log pi(v | prefix row) of coefficient tables c_t (V**t, V),
+        one per level (each row's block is c - p sum_v c)."""
+        probs = probs if probs is not None else self.level_probs()
+        return torch.cat([(c - p * c.sum(-1, keepdim=True)).reshape(-1) for c, p in zip(tables, probs)])
 
     def param_offsets(self) -> Tensor:
         """(T,) start of each level's block in the flat parameter vector: sum_{s<t} V**s * V."""

@@ -100,16 +100,34 @@ class Verdict:
         return self.verdict
 
 
-def _cos(a: Tensor, b: Tensor) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    if na == 0 or nb == 0:
-        return math.nan
-    return float(a @ b) / (na * nb)
+class Directions:
+    """Named (P,) directions, stacked once so that one matrix product gives a vector's dot products with all of
+    them; ``extended`` adds more without copying these (an engine builds its named directions once)."""
+
+    def __init__(self, named: dict[str, Tensor], base: Directions | None = None) -> None:
+        block = torch.stack(list(named.values()))  # (K, P)
+        self.names = [*(base.names if base else ()), *named]
+        self.blocks = [*(base.blocks if base else ()), block]
+        self.sq = [*(base.sq if base else ()), *(block * block).sum(1).tolist()]  # ||d||^2 each
+
+    def extended(self, named: dict[str, Tensor]) -> Directions:
+        return Directions(named, self)
+
+    def __getitem__(self, name: str) -> Tensor:
+        i = self.names.index(name)
+        for b in self.blocks:
+            if i < b.shape[0]:
+                return b[i]
+            i -= b.shape[0]
+        raise KeyError(name)
+
+    def dots(self, v: Tensor) -> list[float]:
+        return torch.cat([b @ v for b in self.blocks]).tolist()
 
 
 def exact_verdict(
     mean: Tensor,
-    directions: dict[str, Tensor],
+    directions: dict[str, Tensor] | Directions,
     nominal: float,
     rms: float,
     undefined: bool,
@@ -119,8 +137,9 @@ def exact_verdict(
 
     Args:
         mean: (P,) E[g].
-        directions: name -> (P,) named gradient directions; must hold ``reverse_kl`` and ``forward_kl`` and may
-            hold ``forward_kl_token``, ``reverse_kl_token``, ``expected_value`` (order = report order).
+        directions: name -> (P,) named gradient directions (or ``Directions``); must hold ``reverse_kl`` and
+            ``forward_kl`` and may hold ``forward_kl_token``, ``reverse_kl_token``, ``expected_value`` (order =
+            report order; zero vectors never match).
         nominal: c, the scale of an unbiased update (0: the configuration has no KL term: verdict ``no_kl``).
         rms: sqrt(E||g||^2), the size of one update: the round-off floor is relative to it.
         undefined: the true gradient is zero (see ``true_gradient_is_zero``).
@@ -128,7 +147,6 @@ def exact_verdict(
     """
     tol, e = tolerance(dtype), eps(dtype)
     floor = ROUNDOFF * e * rms
-    rev = directions["reverse_kl"]
     out = Verdict("biased", math.nan, math.nan, math.nan, tolerance=tol, dtype=str(dtype).replace("torch.", ""))
     if undefined:
         out.verdict = "undefined"
@@ -136,30 +154,34 @@ def exact_verdict(
     if nominal == 0:
         out.verdict = "no_kl"
         return out
+    dirs = directions if isinstance(directions, Directions) else Directions(directions)
+    rev = dirs["reverse_kl"]
     target = nominal * rev
     tnorm, gnorm = float(target.norm()), float(mean.norm())
-    out.rel_bias = float((mean - target).norm()) / tnorm
-    rev_sq = float(rev @ rev)
-    out.scale = float(mean @ rev) / (nominal * rev_sq)
-    if float((mean - target).norm()) <= tol * tnorm + floor:
+    miss = float((mean - target).norm())
+    out.rel_bias = miss / tnorm
+    md = dict(zip(dirs.names, dirs.dots(mean)))  # <E g, d>
+    sq = dict(zip(dirs.names, dirs.sq))  # ||d||^2
+    out.scale = md["reverse_kl"] / (nominal * sq["reverse_kl"])
+    if miss <= tol * tnorm + floor:
         out.verdict = "unbiased"
     elif gnorm <= tol * tnorm + floor:
         out.verdict = "zero"
         out.scale = 0.0  # E g = 0: what remains is round-off
         out.matches = {"zero": 1.0}
         return out  # round-off has no other direction
-    out.cos_reverse = _cos(mean, rev)
-    out.cos_forward = _cos(mean, directions["forward_kl"])
+    cos = {k: md[k] / (gnorm * math.sqrt(sq[k])) for k in dirs.names if sq[k] > 0}
+    out.cos_reverse, out.cos_forward = cos.get("reverse_kl", math.nan), cos.get("forward_kl", math.nan)
     best, best_cos = "none", -2.0
-    for name, d in directions.items():
-        dd = float(d @ d)
-        if name == "zero" or dd == 0:
-            continue
-        s = float(mean @ d) / dd
-        cos = float(mean @ d) / (gnorm * math.sqrt(dd))
-        if cos > best_cos + 1e-12:  # ties (equal directions) go to the first named
-            best, best_cos = name, cos
-        if s > 0 and float((mean - s * d).norm()) <= tol * gnorm + floor:
+    reach = tol * gnorm + floor  # E g matches d when ||E g - s d|| <= reach, s = <E g, d> / ||d||^2 > 0
+    mm = gnorm**2
+    for name, c in cos.items():
+        if c > best_cos + 1e-12:  # ties (equal directions) go to the first named
+            best, best_cos = name, c
+        s = md[name] / sq[name]
+        # ||E g - s d||^2 = ||E g||^2 (1 - cos^2) up to round-off ~1e-13 ||E g||^2: only near-parallel directions
+        # need the residual itself
+        if s > 0 and mm * (1 - c * c) <= reach**2 + 1e-9 * mm and float((mean - s * dirs[name]).norm()) <= reach:
             out.matches[name] = s / nominal
     out.nearest, out.nearest_cos = best, best_cos
     if out.verdict == "biased" and "reverse_kl" in out.matches:
@@ -170,6 +192,7 @@ def exact_verdict(
 
 __all__ = [
     "DIRECTIONS",
+    "Directions",
     "EXACT_VERDICTS",
     "MC_VERDICTS",
     "Verdict",
