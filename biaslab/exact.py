@@ -971,6 +971,10 @@ class ExactEngine:
                 self._pair_gram = (j @ j.T).view(self.N, self.T, self.N, self.T)
         return self._pair_gram if self._pair_gram is not False else None
 
+    def expected_grad(self, config) -> Tensor:
+        """(P,) E[g] of ``config`` over groups drawn from mu (no variance, no verdict)."""
+        return self.moments(config)[0]
+
     # ------------------------------------------------------------------ verdicts
 
     def evaluate(self, config) -> ExactResult:

@@ -13,7 +13,7 @@ from .exact import ExactEngine
 from .io import Rows
 from .placements import KLConfig, all_configs, make_config
 from .toy import make_pair
-from .verdict import _cos
+from .verdict import cosine
 
 #: The configurations of the paper's Fig. 2 analog: (short plot label, estimator, placement, level, credit).
 FIG_CONFIGS: tuple[tuple[str, str, str, str, str | None], ...] = (
@@ -121,8 +121,8 @@ def evaluate_rows(
                         "kind": "direction",
                         **base,
                         "config": name,
-                        "cos_reverse": _cos(d, tr.grad_reverse),
-                        "cos_forward": _cos(d, tr.grad_forward),
+                        "cos_reverse": cosine(d, tr.grad_reverse),
+                        "cos_forward": cosine(d, tr.grad_forward),
                     }
                 )
     return rows

@@ -100,6 +100,12 @@ class Verdict:
         return self.verdict
 
 
+def cosine(a: Tensor, b: Tensor) -> float:
+    """<a, b> / (||a|| ||b||), nan when either vector is zero."""
+    na, nb = float(a.norm()), float(b.norm())
+    return math.nan if na == 0 or nb == 0 else float(a @ b) / (na * nb)
+
+
 class Directions:
     """Named (P,) directions, stacked once so that one matrix product gives a vector's dot products with all of
     them; ``extended`` adds more without copying these (an engine builds its named directions once)."""
@@ -196,6 +202,7 @@ __all__ = [
     "EXACT_VERDICTS",
     "MC_VERDICTS",
     "Verdict",
+    "cosine",
     "exact_verdict",
     "tolerance",
     "true_gradient_is_zero",
