@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/exact.py
 	$(BIN)/python benchmarks/recipes.py
+	$(BIN)/python benchmarks/large.py
 	$(BIN)/python benchmarks/mc.py
 	$(BIN)/python benchmarks/llm.py
 
