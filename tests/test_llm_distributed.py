@@ -20,7 +20,7 @@ from biaslab.llm.run import LLMOptions, collect, summarize  # noqa: E402
 
 OPTS = dict(model="tiny-random", vocab_size=16, max_new_tokens=4, samples=12, direction_samples=12, batch_size=4,
             params="last-layer", max_dense=256, projections=32, configs=("k1:reward", "k3:loss", "k2:loss:sequence"),
-            progress=False, bootstrap=200, numeric_floor=False)
+            progress=False, bootstrap=200, numeric_floor=False, generation_batch=4)
 
 
 def _free_port() -> int:
@@ -72,3 +72,55 @@ def test_two_processes_equal_one(tmp_path):
     assert one["configs"] == two["report"]["configs"]
     assert one["sequence_kl"] == two["report"]["sequence_kl"] and one["values"] == two["report"]["values"]
     assert rows["main"]["values"].shape == (12, 8)
+
+
+def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Build the policy with --train-steps under 2 processes; rank 1's training is made to differ (as GPU kernels
+    that are not bitwise reproducible would), so only the broadcast makes both ranks sample the same pi_theta."""
+    import warnings
+
+    import biaslab.llm.run as run_mod
+    from biaslab.llm.policy import lora_modules
+
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train = run_mod.train_lora
+
+    def diverging(model, *args, **kw):
+        history = train(model, *args, **kw)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.add_(0.01 * (rank + 1))  # a different adapter on each rank before the broadcast
+        own = [m.lora_B.detach().clone() for m in lora_modules(model).values()]
+        torch.save(own, f"{out}.before{rank}")
+        return history
+
+    run_mod.train_lora = diverging
+    try:
+        from biaslab.llm import distributed as D
+
+        opts = LLMOptions(**{**OPTS, "train_steps": 2})
+        opts.validate()
+        D.init_from_env(opts.device)
+        setup = run_mod.build(opts, "cpu")
+        after = [t.detach().clone() for m in lora_modules(setup.loaded.model).values() for t in (m.lora_A, m.lora_B)]
+        torch.save(after, f"{out}.after{rank}")
+    finally:
+        from biaslab.llm.distributed import shutdown
+
+        shutdown()
+
+
+def test_train_steps_broadcast_rank0s_adapter(tmp_path):
+    out = str(tmp_path / "adapter")
+    mp.start_processes(_train_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="spawn")
+    before = [torch.load(f"{out}.before{r}") for r in range(2)]
+    after = [torch.load(f"{out}.after{r}") for r in range(2)]
+    assert any(not torch.equal(a, b) for a, b in zip(*before))  # the ranks trained different adapters
+    for a, b in zip(*after):
+        assert torch.equal(a, b)  # both ranks end with the same adapter ...
+    rank0_b = after[0][1::2]
+    for a, b in zip(rank0_b, before[0]):
+        assert torch.equal(a, b)  # ... rank 0's

@@ -8,7 +8,8 @@ gradient of the reverse KL(pi_theta || pi_ref) with calibrated tests and confide
 Modules (one idea each): ``models`` (offline loading), ``policy`` (the LoRA adapter that makes pi_theta differ
 from pi_ref), ``sample`` (batched generation and scoring), ``grads`` (per-sample gradients on a parameter subset),
 ``distributed`` (torch.distributed and exact gathering), ``run`` (the statistics pass), ``calibration`` (paired
-bootstrap tests, Fieller intervals, Holm, and their simulation on enumerable models), ``enumerate`` (exact
+bootstrap tests, Fieller intervals, Holm, and their simulation on enumerable models), ``recipes`` (framework
+presets and user losses measured per group), ``enumerate`` (exact
 expectations on tiny models), ``figure`` and ``sweep`` (PNG + CSV + JSON), ``cli`` (``biaslab llm``).
 Needs the ``llm`` extra: ``pip install 'biaslab[llm]'``.
 """

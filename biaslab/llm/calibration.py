@@ -258,21 +258,27 @@ def analyze(
     seed: int = 0,
     n_boot: int = 2000,
     norm_ci: bool = True,
+    references: dict[str, str] | None = None,
 ) -> list[dict]:
     """One dict per configuration key (see the module docstring); ``rows["reference"]`` is g_ref on the same
-    samples. Verdicts are at family-wise level ``alpha`` over ``keys`` (Holm)."""
-    ref = rows["reference"].to(torch.float64)  # (n, P)
-    n = ref.shape[0]
+    samples, or ``rows[references[key]]`` for a key whose rows are per group (a group's mean of g_ref: the rows of
+    a framework recipe on groups of B responses). Verdicts are at family-wise level ``alpha`` over ``keys``
+    (Holm)."""
     q = fixed_directions(directions.r_dir, directions.ftok_dir, directions.f_dir, k, seed)  # (k', P)
     u = _unit(directions.r_dir.to(torch.float64))  # (P,)
     w = _unit((directions.ftok_dir - directions.r_dir).to(torch.float64))  # (P,)
-    ref_u = ref @ u  # (n,)
-    r_norm = float(ref.mean(0).norm())
     if n_boot > 0:  # enough resamples that Holm's smallest threshold alpha / m is reachable: p >= 1 / (B + 1)
         n_boot = max(n_boot, math.ceil(4 * len(keys) / alpha))
-    w_boot = resampling_weights(n, n_boot, seed) if n_boot > 0 else None
+    boots: dict[int, Tensor | None] = {}
     out = []
     for key in keys:
+        ref = rows[(references or {}).get(key, "reference")].to(torch.float64)  # (n, P)
+        n = ref.shape[0]
+        ref_u = ref @ u  # (n,)
+        r_norm = float(ref.mean(0).norm())
+        if n not in boots:
+            boots[n] = resampling_weights(n, n_boot, seed) if n_boot > 0 else None
+        w_boot = boots[n]
         d = rows[key].to(torch.float64) - ref  # (n, P) paired differences
         dq = d @ q.T  # (n, k)
         stat, p, dof, cov = hotelling(dq)

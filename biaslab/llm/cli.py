@@ -38,18 +38,32 @@ def _options(args: argparse.Namespace, **over) -> object:
         bootstrap=args.bootstrap,
         eos=False if args.no_eos else None,
         progress=bool(args.progress),
+        generation_batch=args.generation_batch,
+        stacked=args.stacked,
+        truncations=None if args.sweep_truncate is None else tuple(
+            int(x) for x in _floats(args.sweep_truncate, "--sweep-truncate", allow_empty=True)),
+        framework=args.framework,
+        framework_settings=tuple(args.set or ()),
+        framework_config=args.config,
+        enable_kl=args.enable_kl,
+        losses=tuple(args.loss or ()),
+        loss_beta=args.beta,
+        loss_agg=args.agg,
+        group_size=args.group_size,
     )
     kw.update(over)
     return LLMOptions(**kw)
 
 
-def _floats(text: str, name: str) -> list[float]:
+def _floats(text: str, name: str, allow_empty: bool = False) -> list[float]:
     from .models import LLMError
 
     try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
+        vals = [float(x) for x in text.split(",") if x.strip() and x.strip() != "0"]
     except ValueError:
         raise LLMError(f"{name} {text!r}: expected comma-separated numbers") from None
+    if allow_empty and not vals:
+        return []
     if not vals or any(not v > 0 for v in vals):
         raise LLMError(f"{name} {text!r}: expected positive numbers")
     return vals
@@ -89,6 +103,10 @@ def _run(args: argparse.Namespace) -> int:
         from .figure import write_figure
 
         report["written"] = [str(p) for p in write_figure(report, args.out)]
+        if report.get("sweep"):
+            from .sweep import write_sweep
+
+            report["written"] += [str(p) for p in write_sweep(report["sweep"], args.out)]
     if args.format == "json":
         print(json.dumps(report, indent=2, default=float))
     else:
@@ -142,6 +160,23 @@ def to_text(report: dict) -> str:
             f"  {name}: mean {v['mean_sequence_value']:.4g} +- {v['se']:.2g}, bias {v['bias_vs_exact']:+.3g} "
             f"+- {v['bias_se']:.2g}, token RMSE {v['token_rmse_vs_exact']:.3g}"
         )
+    for r in report["configs"]:
+        if "recipe" in r:
+            lines.append(f"{r['label']}: {r['recipe']}; {r['groups']} groups of {r['group_size']}, divided by the "
+                         f"nominal scale (aggregation weight of a {r['nominal_scale_length']}-token response)")
+            lines += [f"  note: {n}" for n in r["notes"] if "updates per rollout" not in n]
+    sweep = report.get("sweep")
+    if sweep:
+        lines.append("")
+        lines.append("KL sweep by truncation (the same responses cut after L' tokens; n = "
+                     f"{sweep['points'][0]['samples']} at every point):")
+        lines.append(f"  {'L':>4s} {'KL':>8s}  " + "  ".join(f"{c['label'][:18]:>18s}" for c in
+                                                              sweep["points"][0]["configs"]))
+        for pt in sweep["points"]:
+            cells = "  ".join(f"{c['rel_bias_mean']:+8.3f}{'*' if c['biased_seeds'] else ' ':1s}{'':9s}"
+                              for c in pt["configs"])
+            lines.append(f"  {pt['max_new_tokens']:4d} {pt['sequence_kl']:8.4f}  {cells}")
+        lines.append("  (relative bias along the reference; * = biased at family-wise alpha within the point)")
     for w in report.get("warnings", []):
         lines.append(f"warning: {w}")
     for p in report.get("written", []):
@@ -195,6 +230,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="repeat with this many perturbation seeds (seed, seed+1, ...); report the mean and spread")
     p.add_argument("--sweep-kl", default="", help="comma-separated target KLs: a sweep figure (llm_sweep.*)")
     p.add_argument("--sweep-lengths", default="", help="comma-separated --max-new-tokens values for the sweep")
+    p.add_argument("--sweep-truncate", default=None, metavar="L1,L2",
+                   help="KL sweep by truncation: the run's own responses cut after L' tokens (exact samples of the "
+                        "policy capped at L' tokens), every point with all the run's samples, written as "
+                        "llm_sweep.{png,csv,json} (default with --target-kl: L/4,L/2; 0 to switch off)")
     p.add_argument("--train-steps", type=int, default=0, help="REINFORCE steps on the LoRA after the perturbation")
     p.add_argument("--projections", type=int, default=128, help="random directions when params are many")
     p.add_argument("--max-dense", type=int, default=1024, help="project when the subset has more numbers")
@@ -203,6 +242,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=2000,
                    help="paired bootstrap resamples for p-values and intervals (0: F test and t-based Fieller)")
     p.add_argument("--no-eos", action="store_true", help="fixed-length responses (ignore the EOS token)")
+    p.add_argument("--generation-batch", type=int, default=None,
+                   help="responses sampled at once (default: the smallest multiple of the micro-batch >= 64)")
+    p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=True,
+                   help="all gradient sets from one batched backward pass through the hidden states (default); "
+                        "--no-stacked: one backward pass from the logits per distinct cotangent")
+    g = p.add_argument_group("framework recipes and your own loss (the update rules of biaslab audit)")
+    g.add_argument("--framework", default=None, help="a preset of `biaslab audit` (verl, openrlhf, trl-grpo, ...): "
+                   "its recipe's per-group gradient is measured beside --configs")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config key in the framework's own name")
+    g.add_argument("--config", default=None, help="YAML or JSON file of the framework's config keys")
+    g.add_argument("--enable-kl", action="store_true", help="switch KL on if the configuration has it off")
+    g.add_argument("--loss", action="append", metavar="FILE:FUNC",
+                   help="FUNC(batch) -> scalar loss of one group (biaslab.userloss contract; task rewards 0)")
+    g.add_argument("--beta", type=float, default=None, help="the KL coefficient inside --loss (default 1)")
+    g.add_argument("--agg", default=None, help="how --loss aggregates tokens, for its nominal scale (default "
+                   "seq-mean-token-sum)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="responses per group B (default: the framework's; 2 for --loss); --samples must be a "
+                        "multiple")
     p.add_argument("--out", default="llm_out", help="folder for llm.png/.csv/.json ('' to skip)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

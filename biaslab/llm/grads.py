@@ -205,15 +205,37 @@ class PerSampleGrads:
         return fn
 
     def grads(self, logits: Tensor, dz: Tensor) -> Tensor:
-        """(B, dim) float64 per-sample gradients sum_{t,v} dz_tv grad z_tv of every sample of the batch."""
+        """(B, dim) float64 per-sample gradients sum_{t,v} dz_tv grad z_tv of every sample of the batch. ``logits``
+        may be any (B, ...) output of the recorded pass (e.g. the hidden states before the head, with the cotangent
+        dz @ W_head)."""
         if self.subset.method == "loop":
             return self.loop_grads(logits, dz)
+        return self.grads_stack(logits, dz.unsqueeze(0))[0]
+
+    def grads_stack(self, root: Tensor, cots: Tensor, chunk: int = 8) -> list[Tensor]:
+        """[(B, dim)] * K per-sample gradients of K cotangents ``cots`` (K, *root.shape) on the recorded pass's output
+        ``root``: ONE backward pass per ``chunk`` cotangents (``torch.autograd.grad(..., is_grads_batched=True)``
+        vmaps the backward over them), then the per-module sums over positions for each cotangent."""
+        if self.subset.method == "loop":
+            return [self.loop_grads(root, c) for c in cots]
         names = list(self._saved)
         outs = [self._saved[n][1] for n in names]
-        gouts = dict(zip(names, torch.autograd.grad(logits, outs, grad_outputs=dz.to(logits.dtype),
-                                                    retain_graph=True)))
+        result: list[Tensor] = []
+        for a in range(0, cots.shape[0], chunk):
+            part = cots[a : a + chunk].to(root.dtype)
+            if part.shape[0] == 1:
+                g1 = torch.autograd.grad(root, outs, grad_outputs=part[0], retain_graph=True)
+                stacked = [g.unsqueeze(0) for g in g1]
+            else:
+                stacked = list(torch.autograd.grad(root, outs, grad_outputs=part, retain_graph=True,
+                                                   is_grads_batched=True))  # each (k, B, S, d_out)
+            for k in range(part.shape[0]):
+                result.append(self._from_gouts(root, names, {n: g[k] for n, g in zip(names, stacked)}))
+        return result
+
+    def _from_gouts(self, root: Tensor, names: list[str], gouts: dict[str, Tensor]) -> Tensor:
         if self.sketch is not None:  # stream: one module's dense per-sample gradients alive at a time
-            out = torch.zeros((logits.shape[0], self.sketch.k), dtype=torch.float64, device=logits.device)
+            out = torch.zeros((root.shape[0], self.sketch.k), dtype=torch.float64, device=root.device)
             index = {name: j for j, name in enumerate(self.subset.names)}
             for n in names:
                 grads = self._module_grads(self.subset.owners[n], self._saved[n][0], gouts.pop(n))

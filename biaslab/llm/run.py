@@ -42,6 +42,7 @@ from torch import Tensor
 from .. import __version__
 from ..estimators import get_estimator
 from ..placements import Coefficients, KLConfig, make_config, surrogate_coefficients
+from ..verdict import cosine
 from . import distributed as D
 from .calibration import MIN_CALIBRATED_SAMPLES, Directions, analyze
 from .grads import PerSampleGrads, logit_cotangent, make_sketch, select_params
@@ -55,15 +56,19 @@ from .policy import (
     scale_lora,
     train_lora,
 )
+from .recipes import LLMRule, build_rules, rule_coefficients, whiten_stats
 from .sample import (
     DEFAULT_PROMPTS,
     Generation,
     encode_prompts,
     generate,
+    head_logits,
     random_prompts,
     read_prompts,
+    score_hidden,
     score_logits,
 )
+from .sample import rows as gen_rows
 
 DEFAULT_CONFIGS = (
     "k1:reward",
@@ -154,16 +159,48 @@ class LLMOptions:
     allow_tf32: bool = False
     numeric_floor: bool = True
     progress: bool = True
+    generation_batch: int | None = None  # None: the smallest multiple of the micro-batch >= 64
+    stacked: bool = True  # all cotangents through the head analytically and ONE batched backward pass
+    truncations: tuple[int, ...] | None = None  # None: L/4, L/2 with --target-kl (KL sweep by truncation), else ()
+    framework: str | None = None  # a preset of biaslab.frameworks (biaslab audit --framework)
+    framework_settings: tuple[str, ...] = ()  # KEY=VALUE in the framework's own names
+    framework_config: str | None = None
+    enable_kl: bool = False
+    losses: tuple[str, ...] = ()  # FILE:FUNC (biaslab.userloss contract)
+    loss_beta: float | None = None
+    loss_agg: str | None = None
+    group_size: int | None = None  # responses per group of the recipes (default: the preset's; 2 for --loss)
     extra: dict = field(default_factory=dict)
 
     @property
     def n_dir(self) -> int:
-        return self.direction_samples if self.direction_samples is not None else max(16, self.samples // 2)
+        if self.direction_samples is not None:
+            return self.direction_samples
+        g = int(self.extra.get("group", 1))
+        return -(-max(16, self.samples // 2) // g) * g  # whole groups
+
+    @property
+    def micro_batch(self) -> int:
+        """--batch-size rounded up to whole groups of the recipes."""
+        g = int(self.extra.get("group", 1))
+        return -(-self.batch_size // g) * g
+
+    @property
+    def gen_batch(self) -> int:
+        """Responses generated at once (a multiple of the micro-batch): sampling step by step is dominated by
+        per-step costs, so bigger generation batches are much cheaper per response on a CPU."""
+        b = self.micro_batch
+        want = self.generation_batch if self.generation_batch is not None else max(b, 64)
+        return -(-want // b) * b
 
     def resolve(self) -> None:
         """Fill the defaults that depend on the model."""
         if self.max_new_tokens is None:
             self.max_new_tokens = 16 if self.model in TINY_MODELS else 64
+        if self.truncations is None:
+            L = int(self.max_new_tokens)
+            self.truncations = tuple(sorted({L // 4, L // 2} - {0, L})) if self.target_kl is not None else ()
+        self.truncations = tuple(int(t) for t in self.truncations)
 
     def validate(self) -> None:
         self.resolve()
@@ -171,6 +208,16 @@ class LLMOptions:
             raise LLMError("--configs is empty; give at least one estimator:placement")
         for text in self.configs:
             parse_config(text)  # unknown names fail here, before any model is loaded
+        group = 1
+        for r in build_rules(self):  # unknown frameworks, keys, loss files fail here too
+            group = math.lcm(group, r.group_size)
+        self.extra["group"] = group
+        if self.samples % group:
+            raise LLMError(f"--samples {self.samples} is not a multiple of the recipes' group size {group} "
+                           "(each group of consecutive responses shares a prompt)")
+        if self.direction_samples is not None and self.direction_samples % group:
+            raise LLMError(f"--direction-samples {self.direction_samples} is not a multiple of the recipes' group "
+                           f"size {group}")
         if self.samples < 8:
             raise LLMError(f"--samples must be >= 8 (a 4-direction Hotelling test needs more), got {self.samples}")
         if self.n_dir < 2:
@@ -183,6 +230,11 @@ class LLMOptions:
             raise LLMError(f"--dtype {self.dtype!r}: choose float32, float64 or bfloat16")
         if self.target_kl is not None and not self.target_kl > 0:
             raise LLMError(f"--target-kl must be > 0 nats, got {self.target_kl}")
+        if any(not 0 < t < self.max_new_tokens for t in self.truncations):
+            raise LLMError(f"--sweep-truncate {list(self.truncations)}: each length must lie in [1, "
+                           f"--max-new-tokens {self.max_new_tokens})")
+        if self.generation_batch is not None and self.generation_batch < 1:
+            raise LLMError(f"--generation-batch must be >= 1, got {self.generation_batch}")
         if self.reference is not None and (self.train_steps or self.target_kl is not None):
             raise LLMError("--reference gives a fixed checkpoint pair: --target-kl and --train-steps need the LoRA")
 
@@ -244,6 +296,18 @@ class Setup:
     eos: int | None
     policy_info: dict = field(default_factory=dict)
     ref_model: object = None  # a separate pi_ref model (--reference), else None: the LoRA switched off
+    rules: dict[str, LLMRule] = field(default_factory=dict)  # --framework / --loss, measured per group
+    group: int = 1  # consecutive samples sharing a prompt (the lcm of the rules' group sizes)
+    max_new_tokens: int = 16
+    whiten: dict = field(default_factory=dict)  # (rule key, length) -> population (mean, std) of its advantages
+
+    @property
+    def head_in_subset(self) -> bool:
+        """True when a differentiated parameter belongs to the output head (tied embeddings included)."""
+        head = self.loaded.model.get_output_embeddings()
+        ids = {id(p) for p in head.parameters()}
+        return any(id(p) in ids for p in self.psg.subset.params) or any(
+            m is head for m in self.psg.subset.owners.values())
 
 
 def _prompts(opts: LLMOptions, loaded) -> list[list[int]]:
@@ -261,6 +325,11 @@ def build(opts: LLMOptions, device: str) -> Setup:
     """Load the model, attach and set the LoRA adapter (the policy), choose parameters and configurations."""
     opts.resolve()
     configs = {config_key(c): c for c in (parse_config(t) for t in opts.configs)}
+    rules = {r.key: r for r in build_rules(opts)}
+    group = 1
+    for r in rules.values():
+        group = math.lcm(group, r.group_size)
+    opts.extra["group"] = group
     wd = _weights_dtype(opts)
     loaded = load_model(opts.model, device=device, dtype=wd, seed=opts.seed, vocab_size=opts.vocab_size,
                         progress=opts.progress)
@@ -292,7 +361,8 @@ def build(opts: LLMOptions, device: str) -> Setup:
             broadcast_lora(model)  # every rank samples rank 0's pi_theta
     subset = select_params(model, opts.params)
     sketch = make_sketch(subset, opts.max_dense, opts.projections, opts.seed)
-    setup = Setup(loaded, prompts, PerSampleGrads(model, subset, sketch), configs, history, eos, info, ref_model)
+    setup = Setup(loaded, prompts, PerSampleGrads(model, subset, sketch), configs, history, eos, info, ref_model,
+                  rules, group, int(opts.max_new_tokens))
     if opts.target_kl is not None:
         info["target_kl"] = reach_target_kl(setup, opts)
         broadcast_lora(model)  # GPU kernels need not be bitwise reproducible: every rank takes rank 0's scale
@@ -307,24 +377,30 @@ def default_perturb(opts: LLMOptions) -> float:
     return 0.06 if opts.model in TINY_MODELS else 0.05
 
 
-def reach_target_kl(setup: Setup, opts: LLMOptions, pilot: int = 32, rounds: int = 4) -> dict:
-    """Rescale the adapter's B until the pilot estimate of the sequence KL(pi || pi_ref) is within 10% of
-    ``opts.target_kl`` (KL ~ scale^2 near pi_ref: each round multiplies B by sqrt(target / estimate)). The pilot
-    responses use their own random stream; the run's own KL estimate is reported separately."""
-    history = []
+def reach_target_kl(setup: Setup, opts: LLMOptions, pilot: int = 32, rounds: int = 3) -> dict:
+    """Rescale the adapter's B until the pilot estimate of the sequence KL(pi || pi_ref) is within its own noise of
+    ``opts.target_kl`` (within max(10%, 2 pilot standard errors); KL ~ scale^2 near pi_ref: each round multiplies B
+    by sqrt(target / estimate)). The pilot responses use their own random stream; the run's own KL estimate is
+    reported separately."""
+    history, ses = [], []
     total = 1.0
     for _ in range(rounds):
         gen = _generate(setup, opts, 0, pilot, stream=4)
-        kl = float(sequence_kls(setup, gen, opts.dtype).mean())
+        step = opts.micro_batch
+        kls = torch.cat([sequence_kls(setup, gen_rows(gen, torch.arange(a, min(a + step, pilot))), opts.dtype)
+                         for a in range(0, pilot, step)])
+        kl = float(kls.mean())
+        se = float(kls.std() / math.sqrt(pilot))
         history.append(kl)
+        ses.append(se)
         if not kl > 0:
             raise LLMError("the perturbation gives a zero KL; raise --perturb")
-        if abs(kl / opts.target_kl - 1) < 0.1:
+        if abs(kl / opts.target_kl - 1) < max(0.1, 2 * se / kl):
             break
         factor = min(max(math.sqrt(opts.target_kl / kl), 0.1), 10.0)
         scale_lora(setup.loaded.model, factor)
         total *= factor
-    return {"target": opts.target_kl, "pilot_kls": history, "pilot_samples": pilot, "scale": total}
+    return {"target": opts.target_kl, "pilot_kls": history, "pilot_ses": ses, "pilot_samples": pilot, "scale": total}
 
 
 # ---------------------------------------------------------------------------------------------- per-token pieces
@@ -402,51 +478,208 @@ def value_rows(lp: Tensor, lr: Tensor, kl: Tensor, mask: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- gradients
 
 
-def sample_grads(setup: Setup, gen: Generation, dtype: str = "float32",
-                 keys: tuple[str, ...] | None = None) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-sample gradients on given responses y (scored, not sampled here): {"reference": g_ref, config key: g_c,
-    "forward_kl_token": f_tok(y)} each (B, dim) float64 (``keys`` restricts them), and the (B, 8) value rows."""
-    psg, model = setup.psg, setup.loaded.model
-    logp_ref_full = _ref_logp_full(setup, gen, dtype)  # (B, L, V)
-    with psg.recording():
-        logits = score_logits(model, gen, dtype)  # (B, L, V) with the graph to the parameters
-    logp_ref_full = logp_ref_full.to(logits.dtype)
-    tokens, mask = gen.completion, gen.mask.to(logits.dtype)  # (B, L)
-    lp, lr, kl = token_stats(logits, logp_ref_full, tokens, mask)
-    want = keys if keys is not None else (REFERENCE_KEY, *setup.configs, FORWARD_TOKEN_KEY)
-    buf = torch.empty_like(logits)  # (B, L, V) the one cotangent buffer
-    out: dict[str, Tensor] = {}
-    done: list[tuple[Tensor, str]] = []  # token coefficients already differentiated: equal ones share a backward
-    for key in want:
-        if key == REFERENCE_KEY:
-            dz = _reference_cotangent(logits, logp_ref_full, tokens, kl, mask, buf)
-        elif key == FORWARD_TOKEN_KEY:
-            dz = _forward_token_cotangent(logits, logp_ref_full, mask, buf)
-        else:
-            cfg = setup.configs[key]
-            if cfg.needs_full_logits:  # the general (B, L, V) path
-                logp_m = masked_logp(logits.detach().log_softmax(-1), logp_ref_full, mask)
-                dz = logit_cotangent(masked_coefficients(cfg, tokens, logp_m, logp_ref_full, mask), tokens,
-                                     logits, mask)
+FORWARD_KEY = "forward_kl"
+TOKENS_KEY = "tokens"
+
+
+def _suffix(length: int | None) -> str:
+    return "" if length is None else f"@{length}"
+
+
+class _Scored:
+    """One micro-batch scored under pi_ref and pi_theta: the recorded pass's root (hidden states before the head on
+    the stacked path, else logits) and the per-token pieces every cotangent is built from."""
+
+    def __init__(self, setup: Setup, gen: Generation, dtype: str, stacked: bool, need_ref: bool = True) -> None:
+        model = setup.loaded.model
+        self.setup, self.gen = setup, gen
+        self.stacked = stacked and not setup.head_in_subset
+        self.lr_full = _ref_logp_full(setup, gen, dtype) if need_ref else None  # (B, L, V)
+        with setup.psg.recording():
+            if self.stacked:
+                self.root = score_hidden(model, gen, dtype)  # (B, L, d) with the graph to the parameters
+                with torch.no_grad():
+                    self.logits = head_logits(model, self.root.detach())  # (B, L, V), no graph
             else:
-                tok = token_coefficients(cfg, tokens, lp, lr, mask)  # (B, L)
-                same = next((k for t, k in done if torch.equal(t, tok)), None)
-                if same is not None:  # e.g. k1 in the loss at token and sequence level
-                    out[key] = out[same]
-                    continue
-                done.append((tok, key))
-                dz = _token_cotangent(logits, tokens, tok, buf)
-        out[key] = psg.grads(logits, dz)  # (B, dim)
-    return out, value_rows(lp, lr, kl, mask)
+                self.root = self.logits = score_logits(model, gen, dtype)  # (B, L, V) with the graph
+        if self.lr_full is not None:
+            self.lr_full = self.lr_full.to(self.logits.dtype)
+        self.tokens, self.mask = gen.completion, gen.mask.to(self.logits.dtype)  # (B, L)
+        self.W = model.get_output_embeddings().weight.detach()  # (V, d)
+        self._pbar: Tensor | None = None
+        self.kl: Tensor | None = None  # (B, L) exact next-token KLs, set by the caller
+
+    # hidden-space pieces: dz @ W for the logit cotangents dz of the module docstring, one (B, L, V) matmul each
+    def _proj(self, f) -> Tensor:
+        """(B, L, d) sum_v f(slice)_tv W_v over position slices, f giving (B, l, V)."""
+        B, L, _ = self.logits.shape
+        out = self.logits.new_empty(B, L, self.W.shape[1])
+        W = self.W.to(self.logits.dtype)
+        for s in _slices(L):
+            out[:, s] = f(s) @ W
+        return out
+
+    def pbar(self) -> Tensor:
+        if self._pbar is None:
+            self._pbar = self._proj(lambda s: self.logits[:, s].softmax(-1))  # E_p[W_v] per position
+        return self._pbar
+
+    def score_dir(self) -> Tensor:
+        """(B, L, d) W_{y_t} - E_p[W_v]: the hidden cotangent of log pi(y_t|y_<t) at each position."""
+        return self.W.to(self.logits.dtype)[self.tokens] - self.pbar()
+
+    def path_dir(self) -> Tensor:
+        """(B, L, d) sum_v p_v (log p_v - log q_v - KL_t) W_v: the hidden cotangent of KL_t (pathwise)."""
+        kl = self.kl
+
+        def f(s):
+            logp = self.logits[:, s].log_softmax(-1)
+            return logp.exp() * (logp - self.lr_full[:, s] - kl[:, s].unsqueeze(-1))
+        return self._proj(f)
+
+    def fwd_dir(self) -> Tensor:
+        """(B, L, d) E_p[W_v] - E_q[W_v]: the hidden cotangent of -sum_v q_v log p_v."""
+        return self.pbar() - self._proj(lambda s: self.lr_full[:, s].exp())
 
 
-def forward_grads(setup: Setup, gen: Generation, dtype: str = "float32") -> Tensor:
+def sample_grads(setup: Setup, gen: Generation, dtype: str = "float32", keys: tuple[str, ...] | None = None,
+                 truncations: tuple[int, ...] = (), stacked: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sample gradients on given responses y (scored, not sampled here): {"reference": g_ref, config key: g_c,
+    "forward_kl_token": f_tok(y)} each (B, dim) float64 (``keys`` restricts them; a recipe key of ``setup.rules``
+    gives (B / group, dim) rows, each group's gradient divided by the rule's nominal scale), and the (B, 8) value
+    rows. ``truncations`` L' add the same keys suffixed ``@L'`` for the responses cut after L' tokens (exact samples
+    of the policy capped at L' tokens: the KL sweep by truncation) and their value rows as ``values@L'``; key
+    ``tokens`` adds (B, 3, max_new_tokens) rows of masked log pi, log pi_ref and the mask.
+
+    ``stacked`` (default): the cotangent of every key on the logits, dz, is taken through the output head
+    analytically (dz @ W_head: one (B, L, V) matmul shared by all token coefficients, W_{y_t} - E_p[W]) and all
+    keys' per-sample gradients come from ONE batched backward pass from the hidden states
+    (``PerSampleGrads.grads_stack``); otherwise one backward pass from the logits per distinct cotangent (the
+    former path; equal numbers, tested). When a differentiated parameter belongs to the head the logits path is
+    used."""
+    want = keys if keys is not None else (REFERENCE_KEY, *setup.configs, FORWARD_TOKEN_KEY)
+    sc = _Scored(setup, gen, dtype, stacked)
+    logits, lr_full, tokens, mask = sc.logits, sc.lr_full, sc.tokens, sc.mask
+    lp, lr, kl = token_stats(logits, lr_full, tokens, mask)
+    sc.kl = kl
+    B, L, _ = logits.shape
+    specs: list[tuple[str, str, object, Tensor]] = []  # (out key, kind, payload, mask)
+    extra: dict[str, Tensor] = {}
+    alias: dict[str, str] = {}
+    post: dict[str, tuple[LLMRule, int]] = {}
+    values = value_rows(lp, lr, kl, mask)
+    lp_raw = None
+    for cut in (None, *truncations):
+        sfx = _suffix(cut)
+        if cut is None:
+            m, lp_c, kl_c = mask, lp, kl
+        else:
+            m = mask * (torch.arange(L, device=mask.device) < cut).to(mask.dtype)
+            if lp_raw is None:
+                with torch.no_grad():
+                    lp_raw = logits.detach().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            lp_c, kl_c = torch.where(m.bool(), lp_raw, lr), kl * m
+            extra[f"values{sfx}"] = value_rows(lp_c, lr, kl_c, m)
+        done: list[tuple[Tensor, str]] = []
+        for key in want:
+            out_key = key + sfx
+            if key == TOKENS_KEY:
+                if cut is None:
+                    pad = setup.max_new_tokens - L
+                    t3 = torch.stack([lp * mask, lr * mask, mask], 1).to(torch.float64)  # (B, 3, L)
+                    extra[TOKENS_KEY] = torch.nn.functional.pad(t3, (0, pad)) if pad > 0 else t3
+                continue
+            if key == REFERENCE_KEY:
+                specs.append((out_key, "ref", kl_c, m))
+            elif key == FORWARD_TOKEN_KEY:
+                specs.append((out_key, "fwd", None, m))
+            elif key in setup.rules:
+                r = setup.rules[key]
+                tok = rule_coefficients(r, lp_c, lr, m, setup.whiten.get((key, cut or setup.max_new_tokens)))
+                specs.append((out_key, "tok", tok.to(mask.dtype), m))
+                post[out_key] = (r, cut or setup.max_new_tokens)
+            else:
+                cfg = setup.configs[key]
+                if cfg.needs_full_logits:  # the general (B, L, V) path
+                    logp_m = masked_logp(logits.detach().log_softmax(-1), lr_full, m)
+                    specs.append((out_key, "full", masked_coefficients(cfg, tokens, logp_m, lr_full, m), m))
+                else:
+                    tok = token_coefficients(cfg, tokens, lp_c, lr, m)  # (B, L)
+                    same = next((k for t, k in done if torch.equal(t, tok)), None)
+                    if same is not None:  # e.g. k1 in the loss at token and sequence level
+                        alias[out_key] = same
+                        continue
+                    done.append((tok, out_key))
+                    specs.append((out_key, "tok", tok, m))
+    out = _grads_of_specs(sc, specs)
+    for k, src in alias.items():
+        out[k] = out[src]
+    for k, (r, length) in post.items():  # sum each group's rows, divide by the nominal scale
+        g = out[k]
+        wstd = setup.whiten.get((r.key, length), (0.0, None))[1] if r.needs_whitening else None
+        out[k] = g.reshape(B // r.group_size, r.group_size, -1).sum(1) / r.nominal(length, wstd)
+    out = {k: out[k] for k in [s[0] for s in specs] + list(alias) if k in out}
+    out.update(extra)
+    return out, values
+
+
+def _grads_of_specs(sc: _Scored, specs: list) -> dict[str, Tensor]:
+    """Per-sample gradient rows of every cotangent spec: stacked (hidden-space cotangents, one batched backward)
+    or one logits backward per spec."""
+    psg = sc.setup.psg
+    if not specs:
+        return {}
+    if sc.stacked:
+        score = path = fwd = None
+        cots = []
+        for _, kind, payload, m in specs:
+            if kind == "tok":
+                score = sc.score_dir() if score is None else score
+                cots.append(payload.unsqueeze(-1) * score)
+            elif kind == "ref":
+                score = sc.score_dir() if score is None else score
+                path = sc.path_dir() if path is None else path  # per position; masked below
+                rtg = payload.flip(-1).cumsum(-1).flip(-1) * m
+                cots.append(rtg.unsqueeze(-1) * score + path * m.unsqueeze(-1))
+            elif kind == "fwd":
+                fwd = sc.fwd_dir() if fwd is None else fwd
+                cots.append(fwd * m.unsqueeze(-1))
+            else:  # full coefficients: the (B, L, V) cotangent, through the head
+                dz = logit_cotangent(payload, sc.tokens, sc.logits, m)
+                cots.append(dz @ sc.W.to(dz.dtype))
+        rows = psg.grads_stack(sc.root, torch.stack(cots))
+        return {s[0]: g for s, g in zip(specs, rows)}
+    out = {}
+    buf = torch.empty_like(sc.logits)  # (B, L, V) the one cotangent buffer
+    for key, kind, payload, m in specs:
+        if kind == "tok":
+            dz = _token_cotangent(sc.logits, sc.tokens, payload, buf)
+        elif kind == "ref":
+            dz = _reference_cotangent(sc.logits, sc.lr_full, sc.tokens, payload, m, buf)
+        elif kind == "fwd":
+            dz = _forward_token_cotangent(sc.logits, sc.lr_full, m, buf)
+        else:
+            dz = logit_cotangent(payload, sc.tokens, sc.logits, m)
+        out[key] = psg.grads(sc.root, dz)  # (B, dim)
+    return out
+
+
+def forward_grads(setup: Setup, gen: Generation, dtype: str = "float32", stacked: bool = True) -> Tensor:
     """(B, dim) -grad log pi(y) for given responses (drawn from pi_ref, they sample grad KL(pi_ref || pi))."""
-    psg = setup.psg
-    with psg.recording():
-        logits = score_logits(setup.loaded.model, gen, dtype)  # (B, L, V)
-    mask = gen.mask.to(logits.dtype)
-    return psg.grads(logits, _token_cotangent(logits, gen.completion, -mask, torch.empty_like(logits)))
+    return forward_rows(setup, gen, dtype, (), stacked)[FORWARD_KEY]
+
+
+def forward_rows(setup: Setup, gen: Generation, dtype: str = "float32", truncations: tuple[int, ...] = (),
+                 stacked: bool = True) -> dict[str, Tensor]:
+    """{"forward_kl": (B, dim) -grad log pi(y), and "forward_kl@L'" for the responses cut after L' tokens} for given
+    responses (drawn from pi_ref, they sample grad KL(pi_ref || pi))."""
+    sc = _Scored(setup, gen, dtype, stacked, need_ref=False)
+    L = sc.logits.shape[1]
+    specs = []
+    for cut in (None, *truncations):
+        m = sc.mask if cut is None else sc.mask * (torch.arange(L) < cut).to(sc.mask.dtype)
+        specs.append((FORWARD_KEY + _suffix(cut), "tok", -m, m))
+    return _grads_of_specs(sc, specs)
 
 
 def sequence_kls(setup: Setup, gen: Generation, dtype: str) -> Tensor:
@@ -461,7 +694,7 @@ def sequence_kls(setup: Setup, gen: Generation, dtype: str) -> Tensor:
 def _generate(setup: Setup, opts: LLMOptions, start: int, stop: int, stream: int, reference: bool = False
               ) -> Generation:
     idx = list(range(start, stop))
-    prompts = [setup.prompts[i % len(setup.prompts)] for i in idx]
+    prompts = [setup.prompts[(i // setup.group) % len(setup.prompts)] for i in idx]  # a group shares its prompt
     loaded = setup.loaded
     seeds = [(opts.seed, stream, i) for i in idx]
     if reference and setup.ref_model is not None:
@@ -523,9 +756,41 @@ def _gather_rows(local: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.cat([every[j][k] for j in sorted(every)]) for k in keys}
 
 
+def _micro_batches(gen: Generation, micro: int, group: int) -> list[Tensor]:
+    """Index tensors of the micro-batches of a generation batch: whole groups, sorted by their longest response
+    (similar lengths together: less padding to score and differentiate)."""
+    n = gen.completion.shape[0]
+    lengths = gen.mask.sum(1).reshape(-1, group).max(1).values  # (n / group,)
+    order = torch.argsort(lengths.cpu(), stable=True)
+    idx = (order.unsqueeze(1) * group + torch.arange(group)).reshape(-1).to(gen.completion.device)
+    return [idx[a : a + micro] for a in range(0, n, micro)]
+
+
+def _by_micro_batch(gen: Generation, micro: int, group: int, fn) -> dict[str, Tensor]:
+    """``fn(sub_generation) -> {key: rows}`` on each micro-batch, rows put back in sample order (per-group rows of a
+    recipe in group order)."""
+    n = gen.completion.shape[0]
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for idx in _micro_batches(gen, micro, group):
+        for key, t in fn(gen_rows(gen, idx)).items():
+            per = idx.shape[0] // t.shape[0]  # 1, or the group size of a recipe's rows
+            parts.setdefault(key, []).append((idx.reshape(-1, per)[:, 0].cpu() // per, t))
+    out = {}
+    for key, ps in parts.items():
+        count = sum(t.shape[0] for _, t in ps)
+        full = ps[0][1].new_empty((count, *ps[0][1].shape[1:]))
+        for where, t in ps:
+            full[where] = t
+        out[key] = full
+        assert count * (n // count) == n
+    return out
+
+
 def collect(opts: LLMOptions) -> tuple[dict[str, dict[str, Tensor]], Setup, dict]:
     """Run (this rank's share of) the three sample sets and gather every rank's rows in sample order:
-    {"main": {...}, "directions": {...}, "forward": {...}}."""
+    {"main": {...}, "directions": {...}, "forward": {...}}. Responses are generated in batches of
+    ``opts.gen_batch`` (the unit shared among processes), then scored and differentiated in micro-batches of
+    ``opts.micro_batch`` whole groups."""
     from tqdm.auto import tqdm
 
     opts.validate()
@@ -535,76 +800,150 @@ def collect(opts: LLMOptions) -> tuple[dict[str, dict[str, Tensor]], Setup, dict
     setup = build(opts, device)
     t0 = time.perf_counter()
     show = opts.progress and rank == 0
-    main_chunks = D.my_chunks(opts.samples, opts.batch_size, rank, size)
-    dir_chunks = D.my_chunks(opts.n_dir, opts.batch_size, rank, size)
+    gb, micro, group, cuts = opts.gen_batch, opts.micro_batch, setup.group, opts.truncations
+    main_chunks = D.my_chunks(opts.samples, gb, rank, size)
+    dir_chunks = D.my_chunks(opts.n_dir, gb, rank, size)
     total = sum(b - a for _, a, b in main_chunks) + 2 * sum(b - a for _, a, b in dir_chunks)
     local: dict[str, dict[int, dict[str, Tensor]]] = {"main": {}, "directions": {}, "forward": {}}
     floor_gen = None
+    whitened = [r for r in setup.rules.values() if r.needs_whitening]
+    dir_keys = (REFERENCE_KEY, FORWARD_TOKEN_KEY) + ((TOKENS_KEY,) if whitened else ())
     if torch.cuda.is_available() and str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tqdm(total=total, desc="llm: sample+score+grads", disable=not show) as bar:
         for j, a, b in dir_chunks:
-            grads, _ = sample_grads(setup, _generate(setup, opts, a, b, 3), opts.dtype,
-                                    keys=(REFERENCE_KEY, FORWARD_TOKEN_KEY))
-            local["directions"][j] = grads
+            gen = _generate(setup, opts, a, b, 3)
+            local["directions"][j] = _by_micro_batch(
+                gen, micro, group, lambda g: sample_grads(setup, g, opts.dtype, dir_keys, cuts, opts.stacked)[0])
             bar.update(b - a)
             gen = _generate(setup, opts, a, b, 2, reference=True)
-            local["forward"][j] = {"forward_kl": forward_grads(setup, gen, opts.dtype)}
+            local["forward"][j] = _by_micro_batch(
+                gen, micro, group, lambda g: forward_rows(setup, g, opts.dtype, cuts, opts.stacked))
             bar.update(b - a)
+        if whitened:  # population statistics of the whitened recipes' advantages, from the direction samples
+            toks = _gather_rows({j: {TOKENS_KEY: d[TOKENS_KEY]} for j, d in local["directions"].items()})[TOKENS_KEY]
+            for r in whitened:
+                for cut in (setup.max_new_tokens, *cuts):
+                    m = toks[:, 2] * (torch.arange(toks.shape[2]) < cut).to(toks.dtype)
+                    setup.whiten[(r.key, cut)] = whiten_stats(r, toks[:, 0], toks[:, 1], m)
+
+        def main_fn(g: Generation) -> dict[str, Tensor]:
+            grads, values = sample_grads(setup, g, opts.dtype, (REFERENCE_KEY, *setup.configs, *setup.rules), cuts,
+                                         opts.stacked)
+            ended = (g.completion == setup.eos) & g.mask.bool() if setup.eos is not None else g.mask[:, :0]
+            return {**grads, "values": values, "ended": ended.any(1).double().unsqueeze(1)}
+
         for j, a, b in main_chunks:
             gen = _generate(setup, opts, a, b, 1)
             if j == 0:
                 floor_gen = gen
-            grads, values = sample_grads(setup, gen, opts.dtype, keys=(REFERENCE_KEY, *setup.configs))
-            ended = (gen.completion == setup.eos) & gen.mask.bool() if setup.eos is not None else gen.mask[:, :0]
-            local["main"][j] = {**grads, "values": values, "ended": ended.any(1).double().unsqueeze(1)}
+            local["main"][j] = _by_micro_batch(gen, micro, group, main_fn)
             bar.update(b - a)
-    rows = {name: _gather_rows(part) for name, part in local.items()}
+    rows_ = {name: _gather_rows(part) for name, part in local.items()}
     timing = {"seconds_rank0": time.perf_counter() - t0, "world_size": size, "device": str(device),
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "generation_batch": gb, "micro_batch": micro,
+              "stacked_backward": opts.stacked and not setup.head_in_subset}
     if str(device).startswith("cuda"):
         timing["gpu"] = torch.cuda.get_device_name(torch.device(device))
         timing["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if rank == 0 and opts.numeric_floor and floor_gen is not None:
-        sub = Generation(*(t[:FLOOR_SAMPLES] for t in (floor_gen.prompt, floor_gen.prompt_mask,
-                                                       floor_gen.completion, floor_gen.mask)))
-        timing["numeric_floor"] = numeric_floor(setup, sub, opts)
-    return rows, setup, timing
+        timing["numeric_floor"] = numeric_floor(
+            setup, gen_rows(floor_gen, torch.arange(min(FLOOR_SAMPLES, floor_gen.completion.shape[0]))), opts)
+    return rows_, setup, timing
 
 
-def _cos(a: Tensor, b: Tensor) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
+def config_rows(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions, cut: int | None = None
+                ) -> tuple[list[dict], Tensor]:
+    """Per configuration and recipe (at truncation ``cut``, None: the full responses) the calibrated test,
+    intervals, variance and cosines; and the reference rows' mean."""
+    sfx = _suffix(cut)
+    main = dict(rows["main"])
+    dirs = Directions(rows["directions"][REFERENCE_KEY + sfx].mean(0),
+                      rows["directions"][FORWARD_TOKEN_KEY + sfx].mean(0), rows["forward"][FORWARD_KEY + sfx].mean(0))
+    ref = main[REFERENCE_KEY + sfx]
+    main["reference"] = ref
+    refs = {}
+    for key, rule in setup.rules.items():  # each group's mean of g_ref pairs with the group's update
+        name = f"reference/B={rule.group_size}"
+        main[name] = ref.reshape(-1, rule.group_size, ref.shape[1]).mean(1)
+        refs[key + sfx] = name
+    keys = [k + sfx for k in (*setup.configs, *setup.rules)]
+    stats_rows = analyze(main, keys, dirs, alpha=opts.alpha, seed=opts.seed, n_boot=opts.bootstrap, references=refs)
+    f, f_tok = dirs.f_dir, dirs.ftok_dir
+    out_rows = []
+    for key, srow in zip((*setup.configs, *setup.rules), stats_rows):
+        g = main[key + sfx]
+        r = main[refs.get(key + sfx, "reference")].mean(0)
+        r_sq = max(float(r @ r), 1e-300)
+        mean = g.mean(0)
+        var = float(g.var(0).sum())
+        extra = {}
+        if key in setup.rules:
+            rule = setup.rules[key]
+            extra = {"recipe": rule.description, "group_size": rule.group_size, "groups": int(g.shape[0]),
+                     "notes": rule.notes, "nominal_scale_length": cut or setup.max_new_tokens}
+        out_rows.append({
+            "config": key,
+            "label": setup.rules[key].label if key in setup.rules else setup.configs[key].label,
+            **{k: v for k, v in srow.items() if k != "config"},
+            "variance": var,
+            "rel_variance": var / r_sq,
+            "cos_reverse": cosine(mean, r),
+            "cos_forward": cosine(mean, f),
+            "cos_forward_token": cosine(mean, f_tok),
+            **extra,
+        })
+    return out_rows, ref.mean(0)
+
+
+def truncation_sweep(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions, full: dict) -> dict | None:
+    """The KL sweep by truncation: one point per cut L' (the run's own responses cut after L' tokens, which are
+    exact samples of the policy capped at L' tokens) plus the full responses, in ``sweep.run_sweep``'s format
+    (one seed per point; n = the run's samples at every point; points share samples, so they are correlated)."""
+    if not opts.truncations:
+        return None
+    points = []
+    for cut in (*opts.truncations, None):
+        if cut is None:
+            cfgs, kl, tokens = full["configs"], full["sequence_kl"]["mean"], full["mean_response_tokens"]
+        else:
+            cfgs, _ = config_rows(rows, setup, opts, cut)
+            v = rows["main"][f"values@{cut}"]
+            kl, tokens = float(v[:, 0].mean()), float(v[:, 7].mean())
+        configs = [{
+            "config": c["config"], "label": c["label"], "rel_bias_mean": c["rel_bias_along_reference"],
+            "rel_bias_spread": 0.0, "ci_low_mean": c["ci_low"], "ci_high_mean": c["ci_high"],
+            "rel_bias_norm_mean": c["rel_bias_norm"], "rel_variance_mean": c["rel_variance"],
+            "biased_seeds": int(bool(c["biased"])), "verdict": c["verdict"],
+            "per_seed": [{k: c[k] for k in ("rel_bias_along_reference", "ci_low", "ci_high", "verdict")}],
+        } for c in cfgs]
+        points.append({"target_kl": opts.target_kl, "max_new_tokens": cut or setup.max_new_tokens,
+                       "seeds": [opts.seed], "n_seeds": 1, "sequence_kl": kl, "sequence_kl_spread": 0.0,
+                       "mean_response_tokens": tokens, "numeric_floor_nats": (full["numeric_floor"] or {}).get(
+                           "nats", 0.0), "samples": int(rows["main"]["values"].shape[0]), "configs": configs})
+    return {
+        "kind": "truncation sweep",
+        "biaslab_version": __version__,
+        "design": "one run: its responses cut after L' tokens are exact samples of the same policy with "
+                  "--max-new-tokens L'; every point uses all the run's samples (n each; points are correlated)",
+        "options": full["options"],
+        "sweep": {"target_kls": [opts.target_kl], "lengths": [p["max_new_tokens"] for p in points], "n_seeds": 1,
+                  "truncation": True},
+        "points": points,
+    }
 
 
 def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions, timing: dict) -> dict:
     """The JSON-ready report: per configuration the calibrated test, intervals, variance and cosines; the sequence
-    KL; values; the numeric floor; warnings."""
+    KL; values; the numeric floor; warnings; with truncations, the KL sweep by truncation (``sweep``)."""
     main = rows["main"]
-    dirs = Directions(rows["directions"][REFERENCE_KEY].mean(0), rows["directions"][FORWARD_TOKEN_KEY].mean(0),
-                      rows["forward"]["forward_kl"].mean(0))
-    keys = list(setup.configs)
-    stats_rows = analyze(main, keys, dirs, alpha=opts.alpha, seed=opts.seed, n_boot=opts.bootstrap)
+    out_rows, r = config_rows(rows, setup, opts)
     ref = main[REFERENCE_KEY]
-    r = ref.mean(0)
     n = ref.shape[0]
     r_sq = max(float(r @ r), 1e-300)
+    dirs = Directions(rows["directions"][REFERENCE_KEY].mean(0), rows["directions"][FORWARD_TOKEN_KEY].mean(0),
+                      rows["forward"][FORWARD_KEY].mean(0))
     f, f_tok = dirs.f_dir, dirs.ftok_dir
-    out_rows = []
-    for key, srow in zip(keys, stats_rows):
-        g = main[key]
-        mean = g.mean(0)
-        var = float(g.var(0).sum())
-        out_rows.append({
-            "config": key,
-            "label": setup.configs[key].label,
-            **{k: v for k, v in srow.items() if k != "config"},
-            "variance": var,
-            "rel_variance": var / r_sq,
-            "cos_reverse": _cos(mean, r),
-            "cos_forward": _cos(mean, f),
-            "cos_forward_token": _cos(mean, f_tok),
-        })
     v = main["values"]  # (n, 8)
     values = {}
     for i, name in enumerate(VALUE_ESTIMATORS):
@@ -633,10 +972,17 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
     if ended is not None and ended < 0.5:
         warn.append(f"only {100 * ended:.0f}% of responses ended at EOS within --max-new-tokens "
                     f"{opts.max_new_tokens}: raise it, or the statistics describe truncated responses")
+    for row in out_rows:
+        if "groups" in row and row["groups"] < MIN_CALIBRATED_SAMPLES:
+            warn.append(f"{row['label']}: {row['groups']} groups, below the calibrated {MIN_CALIBRATED_SAMPLES} "
+                        "(each group is one sample of the update): p-values and intervals may be optimistic")
+        for note in row.get("notes", []):
+            if "updates per rollout" in note:
+                warn.append(f"{row['label']}: {note}")
     for w in warn:
         warnings.warn(w, stacklevel=2)
     loaded = setup.loaded
-    return {
+    report = {
         "biaslab_version": __version__,
         "options": {k: (list(x) if isinstance(x, tuple) else x) for k, x in asdict(opts).items() if k != "extra"},
         "model": {"name": loaded.name, "vocab_size": loaded.vocab_size, **loaded.info},
@@ -649,7 +995,7 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
             "projected_dim": setup.psg.dim if setup.psg.sketch is not None else None,
         },
         "samples": {"main": n, "directions": int(rows["directions"][REFERENCE_KEY].shape[0]),
-                    "forward": int(rows["forward"]["forward_kl"].shape[0])},
+                    "forward": int(rows["forward"][FORWARD_KEY].shape[0])},
         "sequence_kl": {"mean": kl_mean, "se": kl_se,
                         "direction": "KL(pi_theta || pi_ref), sum of exact per-token KLs over y ~ pi_theta"},
         "numeric_floor": floor,
@@ -659,9 +1005,9 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
             "config": ":".join(REFERENCE_CONFIG),
             "norm": math.sqrt(r_sq),
             "rel_se": math.sqrt(float(ref.var(0).sum()) / n) / math.sqrt(r_sq),
-            "cos_directions_estimate": _cos(r, dirs.r_dir),
-            "cos_forward": _cos(r, f),
-            "cos_forward_token": _cos(r, f_tok),
+            "cos_directions_estimate": cosine(r, dirs.r_dir),
+            "cos_forward": cosine(r, f),
+            "cos_forward_token": cosine(r, f_tok),
         },
         "train_rewards": setup.train_history,
         "configs": out_rows,
@@ -669,6 +1015,10 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
         "warnings": warn,
         "timing": timing,
     }
+    sweep = truncation_sweep(rows, setup, opts, report)
+    if sweep is not None:
+        report["sweep"] = sweep
+    return report
 
 
 def run_llm(opts: LLMOptions) -> dict | None:
@@ -679,7 +1029,8 @@ def run_llm(opts: LLMOptions) -> dict | None:
 
 
 __all__ = [
-    "DEFAULT_CONFIGS", "LLMConfig", "LLMOptions", "REFERENCE_KEY", "build", "collect", "forward_grads",
+    "DEFAULT_CONFIGS", "FORWARD_KEY", "LLMConfig", "LLMOptions", "REFERENCE_KEY", "build", "collect",
+    "config_rows", "forward_grads", "forward_rows", "truncation_sweep",
     "masked_coefficients", "masked_logp", "numeric_floor", "parse_config", "run_llm", "sample_grads", "sequence_kls",
     "summarize", "token_coefficients", "token_stats", "value_rows",
 ]

@@ -242,17 +242,40 @@ def generate(
     return Generation(ids, prompt_att, out, mask)
 
 
-def score_logits(model: nn.Module, gen: Generation, dtype: str = "float32") -> Tensor:
-    """(B, L, V) float32 (float64 with float64 weights) logits of pi(. | x, y_<t) at the completion positions: one
-    teacher-forced pass of the trunk (bf16 under ``dtype='bfloat16'``) and the head in float32, differentiable
-    through whatever parameters require grad."""
-    device = gen.prompt.device
+def score_hidden(model: nn.Module, gen: Generation, dtype: str = "float32") -> Tensor:
+    """(B, L, d) final hidden states (after the trunk's last norm) at the positions that predict the completion, in
+    the head's dtype (float32, float64 with float64 weights): one teacher-forced pass of the trunk (bf16 under
+    ``dtype='bfloat16'``), differentiable through whatever parameters require grad. ``head_logits`` of them are the
+    logits; a cotangent dz on the logits is dz @ W_head on them (``run.sample_grads`` uses that)."""
     L = gen.completion.shape[1]
+    device = gen.prompt.device
     ids = torch.cat([gen.prompt, gen.completion], 1)  # (B, P + L)
     att = torch.cat([gen.prompt_mask, torch.ones_like(gen.completion)], 1)  # (B, P + L)
     with autocast(device, dtype):
         res = model.base_model(input_ids=ids, attention_mask=att, position_ids=_positions(att), use_cache=False)
-    return head_logits(model, res.last_hidden_state[:, -L - 1 : -1])  # (B, L, V)
+    return res.last_hidden_state[:, -L - 1 : -1].to(_wide_dtype(model.get_output_embeddings().weight))
+
+
+def score_logits(model: nn.Module, gen: Generation, dtype: str = "float32") -> Tensor:
+    """(B, L, V) float32 (float64 with float64 weights) logits of pi(. | x, y_<t) at the completion positions: one
+    teacher-forced pass of the trunk (bf16 under ``dtype='bfloat16'``) and the head in float32, differentiable
+    through whatever parameters require grad."""
+    return head_logits(model, score_hidden(model, gen, dtype))  # (B, L, V)
+
+
+def trim(gen: Generation) -> Generation:
+    """The same responses without the columns that are padding in every row (leading prompt padding, trailing
+    completion padding): a causal model gives the same numbers on the remaining positions, with less work."""
+    keep_p = gen.prompt_mask.bool().any(0)
+    first = int(keep_p.nonzero()[0]) if bool(keep_p.any()) else 0
+    filled = gen.mask.bool().any(0)
+    last = int(filled.nonzero()[-1]) + 1 if bool(filled.any()) else 1
+    return Generation(gen.prompt[:, first:], gen.prompt_mask[:, first:], gen.completion[:, :last], gen.mask[:, :last])
+
+
+def rows(gen: Generation, index: Tensor) -> Generation:
+    """The responses ``index`` of ``gen`` (a micro-batch of a generation batch), trimmed."""
+    return trim(Generation(gen.prompt[index], gen.prompt_mask[index], gen.completion[index], gen.mask[index]))
 
 
 __all__ = [
@@ -264,7 +287,10 @@ __all__ = [
     "head_logits",
     "random_prompts",
     "read_prompts",
+    "rows",
+    "score_hidden",
     "score_logits",
+    "trim",
     "sample_tokens",
     "stream_seed",
     "uniforms",

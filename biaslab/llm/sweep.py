@@ -45,7 +45,7 @@ def run_sweep(make_opts: Callable[..., LLMOptions], kls: list[float | None], len
         for length in lengths:
             reports = []
             for s in range(n_seeds):
-                opts = make_opts(target_kl=kl, max_new_tokens=length, seed=base.seed + s)
+                opts = make_opts(target_kl=kl, max_new_tokens=length, seed=base.seed + s, truncations=())
                 opts.resolve()
                 used_length = int(opts.max_new_tokens)
                 reports.append(run_llm(opts))
