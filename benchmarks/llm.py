@@ -12,13 +12,16 @@ that coincide share one backward pass). It is compared with
 The statistics pass (stacked) takes every cotangent through the output head analytically (one (B, L, V) matmul
 shared by all token coefficients) and runs ONE batched backward pass from the hidden states for all gradient sets
 (``torch.autograd.grad(..., is_grads_batched=True)``). Targets: throughput >= 0.3x a plain forward+backward
-(time ratio <= 3.3x) and >= 8x the per-sample loop.
+(time ratio <= 3.3x) and >= 8x the per-sample loop, on SmolLM2 with a batch of 16 (the defaults; ``--quick``: the
+tiny random Llama, batch 8). Peak memory against ``--samples``: two ``biaslab llm --model tiny-random`` processes
+(``--samples`` 256 and 1024), peak RSS from ``os.wait4``; the target is memory independent of ``--samples``.
 
 Each is run once to warm up, then ``--repeats`` (>= 5) times; min and median are printed with sequences/s and
 tokens/s, the thread setting, the device (the GPU's name when one is used) and peak memory: the CUDA allocator's
 peak per phase on a GPU, the process's resident high-water mark (ru_maxrss, cumulative) on CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/llm.py                      # tiny random Llama (vocab 4096), CPU
+    OMP_NUM_THREADS=1 python benchmarks/llm.py                      # SmolLM2, batch 16, CPU (a few minutes)
+    OMP_NUM_THREADS=1 python benchmarks/llm.py --quick              # tiny random Llama (vocab 4096), batch 8
     python benchmarks/llm.py --model smollm2 --batch 8 --max-new-tokens 64 --device cuda --dtype bfloat16
 """
 
@@ -29,9 +32,15 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Targets, fmt_bytes, measure_cli  # noqa: E402
 
 
 def device_name(device: str) -> str:
@@ -68,8 +77,11 @@ def main() -> None:
     from biaslab.placements import TokenBatch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny-random")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--model", default=None, help="default smollm2 (tiny-random with --quick)")
+    ap.add_argument("--batch", type=int, default=None, help="default 16 (8 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="the tiny random Llama, batch 8; targets not compared")
+    ap.add_argument("--memory-samples", default="256,1024",
+                    help="the two --samples of the peak-memory processes (tiny-random); empty: skip")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--params", default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +92,25 @@ def main() -> None:
     args = ap.parse_args()
     if args.repeats < 5:
         ap.error("--repeats must be >= 5")
+    args.model = args.model or ("tiny-random" if args.quick else "smollm2")
+    args.batch = args.batch or (8 if args.quick else 16)
+    full_size = args.model == "smollm2" and args.batch == 16
+    # the processes first: a child forked later would inherit this process's resident high-water mark (Linux keeps
+    # ru_maxrss across fork and exec), so its peak would read as at least the loaded model's
+    memory_row = None
+    if args.memory_samples:
+        n1, n2 = (int(x) for x in args.memory_samples.split(","))
+        rss = {}
+        for n in (n1, n2):
+            run = measure_cli(f"process: biaslab llm --model tiny-random --samples {n}",
+                              ["llm", "--model", "tiny-random", "--samples", str(n), "--no-progress", "--out",
+                               f"/tmp/biaslab_bench_llm_{os.getpid()}_{n}"], repeats=1, warmup=0)
+            rss[n] = run.peak_rss
+        slope = (rss[n2] - rss[n1]) / (n2 - n1)
+        print(f"peak RSS slope: {fmt_bytes(slope)}/sample (per-sample rows of every gradient set are kept for the "
+              "paired bootstrap of the calibrated intervals)")
+        memory_row = ("llm peak RSS vs --samples", f"{fmt_bytes(rss[n1])} -> {fmt_bytes(rss[n2])}",
+                      "independent of n", slope <= 4096)
 
     opts = LLMOptions(model=args.model, samples=args.batch, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
                       params=args.params, device=args.device, dtype=args.dtype, vocab_size=args.vocab,
@@ -137,6 +168,16 @@ def main() -> None:
     print(f"max relative difference stacked vs per-cotangent: {err_seq:.2e}; stacked vs loop: {err:.2e}")
     if not args.device.startswith("cuda"):
         print("peak memory on CPU is the process's resident high-water mark so far (cumulative over phases)")
+    targets = Targets()
+    ratio_plain, ratio_loop = t_plain[1] / t_stats[1], t_loop[1] / t_stats[1]
+    what = f"{args.model}, batch {args.batch}"
+    targets.add(f"stats pass / plain fwd+bwd ({what})", f"{ratio_plain:.2f}x", ">= 0.3x",
+                ratio_plain >= 0.3 if full_size else None)
+    targets.add(f"stats pass / per-sample loop ({what})", f"{ratio_loop:.2f}x", ">= 8x",
+                ratio_loop >= 8 if full_size else None)
+    if memory_row is not None:
+        targets.add(*memory_row)
+    targets.print()
 
 
 if __name__ == "__main__":
