@@ -128,3 +128,31 @@ def test_checkpoint_pair(tmp_path, capsys):
     assert math.isfinite(report["configs"][0]["rel_bias_along_reference"])
     assert main([*args[:-4], "--params", "lora"]) == 2
     assert "no LoRA" in capsys.readouterr().err
+
+
+def _sweep_report(kls_lengths: list[tuple[float, int]], n_seeds: int, ci: tuple[float, float]) -> dict:
+    cfg = {"config": "k3-loss", "label": "k3 in loss (token)", "rel_bias_mean": -0.1, "rel_bias_spread": 0.05,
+           "ci_low_mean": ci[0], "ci_high_mean": ci[1], "rel_bias_norm_mean": 0.1, "rel_variance_mean": 3.0,
+           "biased_seeds": 0}
+    points = [{"target_kl": kl, "max_new_tokens": L, "sequence_kl": kl, "n_seeds": n_seeds, "configs": [cfg]}
+              for kl, L in kls_lengths]
+    return {"kind": "sweep", "options": {"model": "tiny-random", "samples": 16, "params": "auto", "alpha": 0.05},
+            "sweep": {"n_seeds": n_seeds}, "points": points}
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_sweep_figure_panels(tmp_path, joint):
+    """A truncation sweep (one point per length: KL and length move together) is one row of curves with the
+    calibrated interval as bars (unbounded Fieller bounds clipped); a KL x length grid is one row per length."""
+    from matplotlib import image
+
+    from biaslab.llm.sweep import write_sweep
+
+    if joint:
+        rep = _sweep_report([(0.02, 16), (0.035, 32), (0.05, 64)], 1, (-math.inf, 0.3))
+    else:
+        rep = _sweep_report([(0.1, 8), (0.3, 8), (0.1, 16), (0.3, 16)], 2, (-0.3, 0.1))
+    paths = write_sweep(rep, tmp_path)
+    assert [p.suffix for p in paths] == [".png", ".csv", ".json"]
+    h, w = image.imread(paths[0]).shape[:2]
+    assert (h < w) if joint else (h > 0.6 * w)  # one row of two panels vs two rows

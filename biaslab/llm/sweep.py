@@ -99,24 +99,41 @@ def _png(report: dict) -> bytes:
     from matplotlib.figure import Figure
 
     points = report["points"]
+    n_seeds = report["sweep"]["n_seeds"]
     lengths = sorted({p["max_new_tokens"] for p in points})
-    fig = Figure(figsize=(12, 4.2 * len(lengths)))
-    axes = fig.subplots(len(lengths), 2, squeeze=False)
+    # one panel row per length; a sweep with one point per length (the truncation sweep: KL and L change together)
+    # is one row of curves, each point marked with its length
+    joint = len(lengths) > 1 and all(sum(p["max_new_tokens"] == L for p in points) == 1 for L in lengths)
+    rows = [None] if joint else lengths
+    fig = Figure(figsize=(12, 4.2 * len(rows)))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
     labels = [c["label"] for c in points[0]["configs"]]
-    for row, length in enumerate(lengths):
-        pts = sorted((p for p in points if p["max_new_tokens"] == length), key=lambda p: p["sequence_kl"])
+    for row, length in enumerate(rows):
+        pts = sorted((p for p in points if length is None or p["max_new_tokens"] == length),
+                     key=lambda p: p["sequence_kl"])
         ax_b, ax_v = axes[row]
+        x = [p["sequence_kl"] for p in pts]
         for i, label in enumerate(labels):
-            x = [p["sequence_kl"] for p in pts]
-            y = [p["configs"][i]["rel_bias_mean"] for p in pts]
-            e = [p["configs"][i]["rel_bias_spread"] for p in pts]
-            ax_b.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
-            ax_v.plot(x, [max(p["configs"][i]["rel_variance_mean"], 1e-300) for p in pts], marker="o", label=label)
+            cs = [p["configs"][i] for p in pts]
+            y = [c["rel_bias_mean"] for c in cs]
+            if n_seeds > 1:  # bars: the seed-to-seed spread
+                e = [c["rel_bias_spread"] for c in cs]
+            else:  # bars: the calibrated interval (clipped to the axis where Fieller's is unbounded)
+                e = [[max(v - max(c["ci_low_mean"], -2.5), 0.0) for v, c in zip(y, cs)],
+                     [max(min(c["ci_high_mean"], 2.5) - v, 0.0) for v, c in zip(y, cs)]]
+            ax_b.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label, alpha=0.85)
+            ax_v.plot(x, [max(c["rel_variance_mean"], 1e-300) for c in cs], marker="o", label=label)
+        if length is None:
+            for p in pts:
+                ax_b.annotate(f"L={p['max_new_tokens']}", (p["sequence_kl"], 1.85), ha="center", fontsize=8)
+        what = "L = " + ("cut after L tokens" if length is None else str(length))
+        alpha = report["options"].get("alpha")
+        bars = "seed spread" if n_seeds > 1 else f"{100 * (1 - alpha):g}% CI" if alpha else "CI"
         ax_b.axhline(0, color="0.2", lw=0.8)
         ax_b.set_xscale("log")
         ax_b.set_ylim(-2, 2)
         ax_b.set_xlabel("sequence KL(pi || pi_ref), nats (measured)")
-        ax_b.set_ylabel(f"relative bias along grad KL, L = {length}\n(mean over seeds, bars: seed spread)")
+        ax_b.set_ylabel(f"relative bias along grad KL, {what}\n(mean over seeds, bars: {bars})")
         ax_v.set_xscale("log")
         ax_v.set_yscale("log")
         ax_v.set_xlabel("sequence KL(pi || pi_ref), nats (measured)")
