@@ -156,3 +156,15 @@ def test_sweep_figure_panels(tmp_path, joint):
     assert [p.suffix for p in paths] == [".png", ".csv", ".json"]
     h, w = image.imread(paths[0]).shape[:2]
     assert (h < w) if joint else (h > 0.6 * w)  # one row of two panels vs two rows
+
+
+def test_cli_warnings_are_one_line_and_not_repeated():
+    """A warning of the pass (here: fewer samples than the calibrated size) appears once, as one line, with no
+    Python source location (a separate process: pytest would capture the warnings itself)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "biaslab", *TINY, "--out", ""], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = r.stdout + r.stderr
+    assert text.count("below 256") == 1 and "UserWarning" not in text and ".py:" not in text

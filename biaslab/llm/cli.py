@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def _options(args: argparse.Namespace, **over) -> object:
@@ -69,10 +70,24 @@ def _floats(text: str, name: str, allow_empty: bool = False) -> list[float]:
     return vals
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one line, no source location."""
+    print(f"biaslab llm: warning: {message}", file=file or sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from .models import LLMError
     from .run import run_llm
 
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        if not (args.sweep_kl or args.sweep_lengths or args.perturb_seeds > 1):
+            # a single pass prints its warnings in its report: not twice
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"biaslab\.llm\.run")
+        return _run_passes(args, run_llm, LLMError)
+
+
+def _run_passes(args: argparse.Namespace, run_llm, LLMError) -> int:
     try:
         if args.sweep_kl or args.sweep_lengths:
             from .sweep import run_sweep
