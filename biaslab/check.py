@@ -245,10 +245,12 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
     else:
         rel_exact = math.nan
         with torch.no_grad():
-            y = mc.sample(min(n, 20_000), gen)
-            lp = policy.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
-            lr = ref.log_probs(y).gather(-1, y[..., None]).squeeze(-1).sum(-1)
-        kl = float((lp - lr).mean())  # unbiased k1 estimate of the sequence KL
+            y = mc.sample(min(n, 20_000), gen)  # (m, T) tokens; log-probabilities in slices of rows below
+            log_ratio = torch.cat([
+                (policy.log_probs(c) - ref.log_probs(c)).gather(-1, c[..., None]).squeeze(-1).sum(-1)
+                for c in y.split(4096)
+            ])  # (m,) log pi(y) - log pi_ref(y)
+        kl = float(log_ratio.mean())  # unbiased k1 estimate of the sequence KL
         refs = {name: (None, mc.direction_moments(name, n, gen))
                 for name in ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token")}
         refs["zero"] = (torch.zeros(x.dim, dtype=torch.float64), None)

@@ -121,10 +121,6 @@ def parse_config(text: str) -> LLMConfig:
     return LLMConfig(key, est, level, recipe)
 
 
-def config_key(cfg: LLMConfig) -> str:
-    return cfg.key
-
-
 @dataclass
 class LLMOptions:
     """Everything one statistics pass depends on (recorded in the JSON output)."""
@@ -324,7 +320,7 @@ def _prompts(opts: LLMOptions, loaded) -> list[list[int]]:
 def build(opts: LLMOptions, device: str) -> Setup:
     """Load the model, attach and set the LoRA adapter (the policy), choose parameters and configurations."""
     opts.resolve()
-    configs = {config_key(c): c for c in (parse_config(t) for t in opts.configs)}
+    configs = {c.key: c for c in (parse_config(t) for t in opts.configs)}
     rules = {r.key: r for r in build_rules(opts)}
     group = 1
     for r in rules.values():
