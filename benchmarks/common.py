@@ -114,7 +114,7 @@ def fmt_s(t: float) -> str:
 
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        if abs(n) < 1000 or unit == "TiB":  # (1000-1023 MiB read as 0.98-1 GiB, not "1e+03 MiB")
             return f"{n:.3g} {unit}"
         n /= 1024
     return f"{n:.3g}"

@@ -5,13 +5,14 @@ Measured (public API only: ``biaslab.montecarlo.MonteCarloEngine``, ``biaslab.ma
   * the process ``biaslab check biaslab.estimators:k3 --placement both --mode mc --vocab 50 --length 20
     --models 1 --samples n`` at two sizes n1 < n2: wall, CPU and peak RSS (``os.wait4``; tracemalloc does not see
     torch's tensor memory). The RSS slope (rss(n2) - rss(n1)) / (n2 - n1) is the memory per sample; extrapolated to
-    1,000,000 samples it is compared with the target. The check streams samples in chunks of 4,096 (one chunk alive
-    at a time), so both sizes must be at least one chunk: below it the slope measures the chunk filling up, not
-    storage per sample (250 vs 1,000 samples read 163 KiB/sample, a projected 156 GiB that no run reaches).
+    1,000,000 samples it is compared with the target. The check streams samples in chunks of 4,096, so both sizes
+    must be at least two chunks: below that the slope measures the chunks filling up (and the allocator's first
+    high-water marks), not storage per sample (250 vs 1,000 samples read 163 KiB/sample, 4,096 vs 8,192 about
+    20 KiB/sample; 8,192 vs 24,576 about 2 KiB/sample).
     (The toy is not enumerable, so the check also samples the reference directions.)
 Target (issue #13): ``check --mode mc --vocab 50 --length 20 --samples 1000000`` within 24 GiB.
 
-    python benchmarks/mc.py [--quick] [--samples 1000] [--cli-samples 4096,8192] [--threads auto|1|2] [--no-cli]
+    python benchmarks/mc.py [--quick] [--samples 1000] [--cli-samples 8192,24576] [--threads auto|1|2] [--no-cli]
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ TARGET_BYTES = 24 * 2**30
 def main() -> None:
     ap = base_parser(__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=1000, help="in-process samples per timed call (default 1000)")
-    ap.add_argument("--cli-samples", default="4096,8192",
-                    help="the two CLI sizes n1,n2, both >= one streaming chunk of 4096 (default 4096,8192)")
+    ap.add_argument("--cli-samples", default="8192,24576",
+                    help="the two CLI sizes n1,n2, both >= two streaming chunks of 4096 (default 8192,24576)")
     ap.add_argument("--no-cli", action="store_true", help="skip the CLI memory measurement")
     args = ap.parse_args()
     V, T = (10, 5) if args.quick else (50, 20)
