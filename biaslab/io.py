@@ -147,6 +147,13 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
     return atomic_write_text(path, to_json(obj) + "\n")
 
 
+def atomic_write_figure(out: str | os.PathLike, stem: str, png: bytes, csv: str, meta: object) -> list[Path]:
+    """``<out>/<stem>.png``, ``.csv`` and ``.json`` (strict JSON of ``meta``) replaced as one set."""
+    out = Path(out)
+    return atomic_write_many({out / f"{stem}.png": png, out / f"{stem}.csv": csv.encode(),
+                              out / f"{stem}.json": (to_json(meta) + "\n").encode()})
+
+
 def check_output_dir(path: str | os.PathLike) -> Path:
     """``path`` as a folder that output can be written to, checked before any work is done.
 

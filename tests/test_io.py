@@ -127,3 +127,17 @@ def test_check_output_dir(tmp_path):
                 check_output_dir(ro)
         finally:
             ro.chmod(0o755)
+
+
+def test_atomic_write_figure_replaces_the_three_files_as_a_set(tmp_path):
+    """A failure while preparing the set (here: a JSON value that cannot be written) leaves the previous PNG, CSV
+    and JSON all in place: no half-replaced figure."""
+    from biaslab.io import atomic_write_figure
+
+    first = atomic_write_figure(tmp_path, "fig", b"png-1", "a\n1\n", {"run": 1})
+    assert sorted(p.name for p in first) == ["fig.csv", "fig.json", "fig.png"]
+    before = {p.name: p.read_bytes() for p in first}
+    with pytest.raises(TypeError):
+        atomic_write_figure(tmp_path, "fig", b"png-2", "a\n2\n", {"run": object()})
+    assert {p.name: p.read_bytes() for p in first} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.csv", "fig.json", "fig.png"]

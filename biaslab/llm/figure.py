@@ -4,10 +4,10 @@ variance. Written atomically as PNG + CSV + JSON (options, seed, version) into o
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text
+from ..io import atomic_write_figure, csv_text
+from ..plotting import png_bytes
 
 FIELDS = [
     "config",
@@ -80,19 +80,12 @@ def _png(report: dict) -> bytes:
         fontsize=10,
     )
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_figure(report: dict, out: str | Path, stem: str = "llm") -> list[Path]:
     """``<out>/<stem>.png``, ``.csv`` (one row per configuration) and ``.json`` (the whole report)."""
-    out = Path(out)
-    return [
-        atomic_write_bytes(out / f"{stem}.png", _png(report)),
-        atomic_write_text(out / f"{stem}.csv", csv_text(report["configs"], FIELDS)),
-        atomic_write_json(out / f"{stem}.json", report),
-    ]
+    return atomic_write_figure(out, stem, _png(report), csv_text(report["configs"], FIELDS), report)
 
 
 __all__ = ["FIELDS", "write_figure"]

@@ -10,14 +10,14 @@ how many seeds' tests said ``biased``. Written atomically as ``llm_sweep.{png,cs
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text
+from ..io import atomic_write_figure, csv_text
+from ..plotting import png_bytes
 from . import distributed as D
 from .run import LLMOptions, run_llm
 
@@ -143,21 +143,14 @@ def _png(report: dict) -> bytes:
     fig.suptitle(f"{opts['model']}: {opts['samples']} samples per point, {report['sweep']['n_seeds']} perturbation "
                  f"seed(s), params {opts['params']}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_sweep(report: dict, out: str | Path, stem: str = "llm_sweep") -> list[Path]:
     """``<out>/<stem>.png``, ``.csv`` (one row per point and configuration) and ``.json`` (config, seeds, version)."""
-    out = Path(out)
     rows = [{**{k: p[k] for k in ("target_kl", "max_new_tokens", "sequence_kl", "n_seeds")}, **c}
             for p in report["points"] for c in p["configs"]]
-    return [
-        atomic_write_bytes(out / f"{stem}.png", _png(report)),
-        atomic_write_text(out / f"{stem}.csv", csv_text(rows, SWEEP_FIELDS)),
-        atomic_write_json(out / f"{stem}.json", report),
-    ]
+    return atomic_write_figure(out, stem, _png(report), csv_text(rows, SWEEP_FIELDS), report)
 
 
 def run_seeds(make_opts: Callable[..., LLMOptions], n_seeds: int) -> dict | None:
