@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .placements import Coefficients, TokenBatch
+from .placements import Coefficients, TokenBatch, loss_coefficients
 from .recipes import Recipe
 from .toy import DTYPE, AutoregressiveModel, ModelError
 from .verdict import DIRECTIONS, Directions, Verdict, exact_verdict, true_gradient_is_zero
@@ -797,25 +797,14 @@ class ExactEngine:
         return mean, math.sqrt(max(var, 1e-8))
 
     def _loss_coefficients(self, config, idx: Tensor | None, whiten_stats=None) -> tuple[Tensor, Tensor | None]:
-        lp, lo, lr, m, rew = self._inputs(idx)
-        leaf = lp.clone().requires_grad_(True)  # (E, B, T)
+        """dL/dlogp of ``config.batch_loss`` on the groups ``idx`` (None: every response alone)."""
+        lp, lo, lr, m, rew = self._inputs(idx)  # (E, B, T) each, rew (E, B) or None
         full = None
         if getattr(config, "needs_full_logits", False):
             lp_full = self._logp_full_det[:, None] if idx is None else self._logp_full_det[idx]
             lr_full = self.logp_ref_full[:, None] if idx is None else self.logp_ref_full[idx]
-            full = (lp_full.clone().requires_grad_(True), lr_full)  # (E, B, T, V)
-        loss = config.batch_loss(leaf, lo, lr, m, rew, whiten_stats, **({"full": full} if full else {}))  # (E,)
-        if loss.shape != lp.shape[:1]:
-            raise ValueError(f"{config.label}: the loss has shape {tuple(loss.shape)}, expected ({lp.shape[0]},)")
-        if not torch.isfinite(loss).all():
-            raise ValueError(f"{config.label}: the loss is non-finite (NaN/inf) for some groups")
-        inputs = [leaf] if full is None else [leaf, full[0]]
-        grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None] * 2
-        a = torch.zeros_like(lp) if grads[0] is None else grads[0]
-        c = None
-        if full is not None:
-            c = torch.zeros_like(full[0]) if grads[1] is None else grads[1]
-        return a, c
+            full = (lp_full, lr_full)  # (E, B, T, V)
+        return tuple(loss_coefficients(config, lp, lo, lr, m, rew, full, whiten_stats))
 
     def _kl_values(self, est, level: str) -> tuple[Tensor, Tensor, Tensor | None]:
         """(values, d_tok (N, T), d_full (N, T, V) or None) of estimator ``est`` on every response, once per

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .persample import per_sample_grads
-from .placements import Coefficients, KLConfig, make_config
+from .placements import Coefficients, KLConfig, loss_coefficients, make_config
 from .stats import Moments
 from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
 
@@ -40,30 +40,6 @@ def sample_complete(
     return tokens * mask.to(torch.long), mask
 
 
-def loss_coefficients(
-    config,
-    logp: Tensor,
-    logp_old: Tensor,
-    logp_ref: Tensor,
-    mask: Tensor,
-    task_reward: Tensor | None = None,
-    full: tuple[Tensor, Tensor] | None = None,
-) -> Coefficients:
-    """dL/dlogp of ``config.batch_loss`` on stacked groups: ``tok`` (..., B, T) and, when ``full`` =
-    (logp_full, logp_ref_full) (..., B, T, V) is given (estimators reading whole distributions), ``full``
-    (..., B, T, V); a group's update is minus the gradient these coefficients define (``Coefficients``).
-
-    Inputs are (..., B, T) log-probabilities (0 on padding) of the current policy (differentiated here), the
-    behaviour policy and the reference; ``task_reward`` (..., B) or None."""
-    leaf = logp.detach().clone().requires_grad_(True)
-    if full is not None:
-        full = (full[0].detach().clone().requires_grad_(True), full[1])
-    loss = config.batch_loss(leaf, logp_old, logp_ref, mask, task_reward, None, **({"full": full} if full else {}))
-    inputs = [leaf] if full is None else [leaf, full[0]]
-    grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None] * 2
-    a = torch.zeros_like(leaf) if grads[0] is None else grads[0]
-    c = None if full is None else (torch.zeros_like(full[0]) if grads[1] is None else grads[1])
-    return Coefficients(a, c)
 
 
 #: the unbiased, low-variance reference estimator of grad KL(pi || pi_ref): Rao-Blackwellized KL in reward + loss

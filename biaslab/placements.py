@@ -151,6 +151,39 @@ def surrogate_coefficients(
     return Coefficients(a.detach(), None if c is None else c.detach())
 
 
+def loss_coefficients(
+    config,
+    logp: Tensor,
+    logp_old: Tensor,
+    logp_ref: Tensor,
+    mask: Tensor,
+    task_reward: Tensor | None = None,
+    full: tuple[Tensor, Tensor] | None = None,
+    whiten_stats: tuple[float, float] | None = None,
+) -> Coefficients:
+    """dL/dlogp of ``config.batch_loss`` on stacked groups: ``tok`` (..., B, T) and, when ``full`` =
+    (logp_full, logp_ref_full) (..., B, T, V) is given (estimators reading whole distributions), ``full``
+    (..., B, T, V); a group's update is minus the gradient these coefficients define (``Coefficients``).
+
+    Inputs are (..., B, T) log-probabilities (0 on padding) of the current policy (differentiated here), the
+    behaviour policy and the reference; ``task_reward`` (..., B) or None; ``whiten_stats`` as ``batch_loss``.
+    A loss of the wrong shape or with non-finite values is refused (ValueError)."""
+    leaf = logp.detach().clone().requires_grad_(True)
+    if full is not None:
+        full = (full[0].detach().clone().requires_grad_(True), full[1])
+    extra = {"full": full} if full else {}
+    loss = config.batch_loss(leaf, logp_old, logp_ref, mask, task_reward, whiten_stats, **extra)  # (...,)
+    if loss.shape != logp.shape[:-2]:
+        raise ValueError(f"{config.label}: the loss has shape {tuple(loss.shape)}, expected {tuple(logp.shape[:-2])}")
+    if not torch.isfinite(loss).all():
+        raise ValueError(f"{config.label}: the loss is non-finite (NaN/inf) for some groups")
+    inputs = [leaf] if full is None else [leaf, full[0]]
+    grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None] * 2
+    a = torch.zeros_like(leaf) if grads[0] is None else grads[0]
+    c = None if full is None else (torch.zeros_like(full[0]) if grads[1] is None else grads[1])
+    return Coefficients(a, c)
+
+
 def make_config(
     estimator: str | Estimator,
     placement: str | Placement = "reward",
@@ -225,4 +258,5 @@ __all__ = [
     "all_configs",
     "Coefficients",
     "surrogate_coefficients",
+    "loss_coefficients",
 ]

@@ -33,8 +33,7 @@ from torch import Tensor
 
 from .exact import enumerate_sequences
 from .fixedpoints import TARGETS, entropy, kl, sequence_log_probs, sequence_probs, targets
-from .montecarlo import loss_coefficients
-from .placements import Coefficients, make_config, surrogate_coefficients
+from .placements import Coefficients, loss_coefficients, make_config, surrogate_coefficients
 from .recipes import Recipe
 from .stats import clopper_pearson
 from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
