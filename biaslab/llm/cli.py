@@ -76,18 +76,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .models import LLMError
-    from .run import run_llm
-
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         if not (args.sweep_kl or args.sweep_lengths or args.perturb_seeds > 1):
             # a single pass prints its warnings in its report: not twice
             warnings.filterwarnings("ignore", category=UserWarning, module=r"biaslab\.llm\.run")
-        return _run_passes(args, run_llm, LLMError)
+        return _run_passes(args)
 
 
-def _run_passes(args: argparse.Namespace, run_llm, LLMError) -> int:
+def _run_passes(args: argparse.Namespace) -> int:
+    from .models import LLMError
+    from .run import run_llm
+
     try:
         if args.sweep_kl or args.sweep_lengths:
             from .sweep import run_sweep
