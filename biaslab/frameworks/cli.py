@@ -245,9 +245,9 @@ def _audit(args: argparse.Namespace) -> int:
     if args.defaults:
         if args.framework or args.set or args.config:
             raise PresetError("--defaults takes no --framework, --set or --config")
-        rows = audit_defaults(toy, progress=progress)
         if args.dtype:
             raise PresetError("--dtype goes with --framework or --loss, not --defaults")
+        rows = audit_defaults(toy, progress=progress)
         _emit(rows, args.format, _defaults_text)
         return 0 if all(r["verdict"] == "unbiased" for r in rows) else 1
     if not args.framework:
