@@ -178,8 +178,6 @@ def entropy_problem(i: int) -> tuple[int, int, str]:
 
 
 def fixed_point_entropy_rows(quick: bool) -> list[dict]:
-    import torch
-
     from .fixedpoints import entropy, targets
     from .toy import TabularAR
     from .train import parse_reward
@@ -188,7 +186,7 @@ def fixed_point_entropy_rows(quick: bool) -> list[dict]:
     for i in range(ENTROPY_PROBLEMS[quick]):
         V, T, spec = entropy_problem(i)
         ref = TabularAR.random(V, T, seed=1000 + i)
-        q_cond = [torch.softmax(x.detach(), -1) for x in ref.levels]
+        q_cond = ref.level_probs()
         reward = parse_reward(spec, V, T, seed=1000 + i)
         for beta in ENTROPY_BETAS[quick]:
             h = {k: float(entropy(v)) for k, v in targets(q_cond, reward, beta).items()}

@@ -332,7 +332,7 @@ def collapse_threshold(reward: Tensor, beta: float) -> float:
 # ============================================================================ exact flow
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, like any object
 class ExactFlow:
     """The exact expected-update flow of one configuration (None: no KL) on a tabular problem (one enumeration, one
     step function). ``precondition``: divide each prefix's block by pi(prefix), else plain gradient ascent; ``lr``:
@@ -522,7 +522,7 @@ def baseline_advantage(reward: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown baseline {kind!r}; choose one of: {', '.join(BASELINES)}")
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, like any object
 class MonteCarloTrainer:
     """Stochastic training of one configuration, all seeds at once (logits (S, P, V)).
 
