@@ -92,15 +92,8 @@ def path_rows(result) -> list[dict]:
             rows.append({"kind": "run", "config": run.config, "beta": run.beta, "verdict": run.verdict, **r})
     for beta, tg in result.targets.items():
         for name, t in tg.items():
-            rows.append(
-                {
-                    "kind": "target",
-                    "config": name,
-                    "beta": float(beta),
-                    "step": "",
-                    **{k: t[k] for k in ("reward", "reverse_kl", "forward_kl", "entropy")},
-                }
-            )
+            stats = {k: t[k] for k in ("reward", "reverse_kl", "forward_kl", "entropy")}
+            rows.append({"kind": "target", "config": name, "beta": float(beta), "step": "", **stats})
     return rows
 
 
@@ -185,8 +178,6 @@ def entropy_problem(i: int) -> tuple[int, int, str]:
 
 
 def fixed_point_entropy_rows(quick: bool) -> list[dict]:
-    import torch
-
     from .fixedpoints import entropy, targets
     from .toy import TabularAR
     from .train import parse_reward
@@ -195,7 +186,7 @@ def fixed_point_entropy_rows(quick: bool) -> list[dict]:
     for i in range(ENTROPY_PROBLEMS[quick]):
         V, T, spec = entropy_problem(i)
         ref = TabularAR.random(V, T, seed=1000 + i)
-        q_cond = [torch.softmax(x.detach(), -1) for x in ref.levels]
+        q_cond = ref.level_probs()
         reward = parse_reward(spec, V, T, seed=1000 + i)
         for beta in ENTROPY_BETAS[quick]:
             h = {k: float(entropy(v)) for k, v in targets(q_cond, reward, beta).items()}
@@ -243,18 +234,11 @@ def _mc(config: str, beta: float, quick: bool, **kw) -> dict:
     size = MC_SIZES[quick]
     trainer = MonteCarloTrainer(pb, parse_config(config), beta, seeds=size["seeds"], seed=0, **MC_FIXED, **kw)
     run = trainer.run(start, steps=size["steps"])
-    lo, hi = run.mc["collapse_ci95"]
-    return {
-        "config": config,
-        "beta": beta,
-        "collapsed": run.mc["collapsed"],
-        "seeds": size["seeds"],
-        "fraction": run.mc["collapse_fraction"],
-        "ci_low": lo,
-        "ci_high": hi,
-        "final_reward": run.final["reward_mean_over_seeds"],
-        "diverged": run.mc["diverged"],
-    }
+    mc = run.mc
+    lo, hi = mc["collapse_ci95"]
+    return {"config": config, "beta": beta, "collapsed": mc["collapsed"], "seeds": size["seeds"],
+            "fraction": mc["collapse_fraction"], "ci_low": lo, "ci_high": hi,
+            "final_reward": run.final["reward_mean_over_seeds"], "diverged": mc["diverged"]}
 
 
 MC_FIELDS = ["config", "beta", "lag", "collapsed", "seeds", "fraction", "ci_low", "ci_high", "final_reward", "diverged"]
@@ -282,11 +266,8 @@ def train_collapse_beta(out: Path, quick: bool, progress: bool = False) -> list[
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("beta")
     ax.set_ylabel("fraction of seeds with E[R] < 0.01")
-    ax.set_title(
-        f"RLOO, N=8, Adam 0.1, {MC_SIZES[quick]['steps']} steps, {MC_SIZES[quick]['seeds']} seeds "
-        "(95% Clopper-Pearson)",
-        fontsize=8,
-    )
+    size = MC_SIZES[quick]
+    ax.set_title(f"RLOO, N=8, Adam 0.1, {size['steps']} steps, {size['seeds']} seeds (95% Clopper-Pearson)", fontsize=8)
     ax.legend(fontsize=8)
     art.add_png(fig)
     return art.commit()
@@ -294,22 +275,17 @@ def train_collapse_beta(out: Path, quick: bool, progress: bool = False) -> list[
 
 def train_lag_grid(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     """Monte Carlo: collapse fractions over async lag x configuration (PPO clip 0.2, mean baseline, beta 1)."""
-    configs = LAG_CONFIGS.split(",")
-    rows = []
-    for lag in LAGS[quick]:
-        for c in configs:
-            rows.append({**_mc(c, 1.0, quick, baseline="mean", lag=lag, clip=0.2), "lag": lag})
-    meta = _mc_meta(quick, 1.0, baseline="mean", clip=0.2, lags=LAGS[quick])
+    configs, lags = LAG_CONFIGS.split(","), LAGS[quick]
+    rows = [{**_mc(c, 1.0, quick, baseline="mean", lag=lag, clip=0.2), "lag": lag} for lag in lags for c in configs]
+    meta = _mc_meta(quick, 1.0, baseline="mean", clip=0.2, lags=lags)
     art, parsed, fig = _write(out, "train_lag_grid", rows, MC_FIELDS, meta, (6.0, 3.2))
-    lags = LAGS[quick]
-    grid = [
-        [next(r["fraction"] for r in parsed if r["lag"] == lag and r["config"] == c) for c in configs] for lag in lags
-    ]
+    cell = {(r["lag"], r["config"]): r for r in parsed}
     ax = fig.add_subplot()
+    grid = [[cell[lag, c]["fraction"] for c in configs] for lag in lags]
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="Reds", aspect="auto")
     for i, lag in enumerate(lags):
         for j, c in enumerate(configs):
-            r = next(r for r in parsed if r["lag"] == lag and r["config"] == c)
+            r = cell[lag, c]
             ax.text(j, i, f"{int(r['collapsed'])}/{int(r['seeds'])}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(configs)), configs, fontsize=8)
     ax.set_yticks(range(len(lags)), [str(x) for x in lags])

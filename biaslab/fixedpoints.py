@@ -74,11 +74,9 @@ def _solve_normaliser(q: Tensor, Q: Tensor, beta: float, iters: int = 200) -> Te
         hi = torch.where(pos, hi, mid)
     mu = torch.where(torch.isfinite(g(lo)), lo, hi)
     for _ in range(5):
-        d = mu.unsqueeze(-1) - Q  # (M, V)
-        val = (beta * q / d).sum(-1) - 1.0
-        slope = -(beta * q / d**2).sum(-1)
-        step = torch.where(val > 0, -val / slope, torch.zeros_like(val))
-        mu = mu + step
+        val = g(mu)
+        slope = -(beta * q / (mu.unsqueeze(-1) - Q) ** 2).sum(-1)  # (M,)
+        mu = mu + torch.where(val > 0, -val / slope, torch.zeros_like(val))
     return mu
 
 
@@ -94,16 +92,19 @@ def forward_kl_optimum(q_seq: Tensor, reward: Tensor, beta: float) -> Tensor:
     return p / p.sum()
 
 
-def forward_kl_token_fixed_point(q_cond: list[Tensor], reward: Tensor, beta: float) -> list[Tensor]:
-    """[(V**t, V)] the per-prefix forward-KL fixed point pi(v|h) = beta q(v|h) / (mu_h - Q(h,v)), by backward
-    induction from the last level (Q(h,v) = R(hv) there; above, Q(h,v) = V(hv) = sum_w pi(w|hv) Q(hv,w))."""
+def _token_fixed_point(q_cond: list[Tensor], reward: Tensor, beta: float, forward: bool) -> list[Tensor]:
+    """[(V**t, V)] per-prefix fixed points by backward induction from the last level (Q(h,v) = R(hv) there; above,
+    Q(h,v) = V(hv) = sum_w pi(w|hv) Q(hv,w)): forward KL if ``forward``, else reverse KL."""
     T, V = len(q_cond), q_cond[0].shape[-1]
     out: list[Tensor] = [torch.empty(0)] * T
     Q = reward.reshape(V ** (T - 1), V)  # (V**(T-1), V)
     for t in range(T - 1, -1, -1):
-        mu = _solve_normaliser(q_cond[t], Q, beta)  # (V**t,)
-        p = beta * q_cond[t] / (mu.unsqueeze(-1) - Q)  # (V**t, V)
-        p = p / p.sum(-1, keepdim=True)
+        if forward:
+            mu = _solve_normaliser(q_cond[t], Q, beta)  # (V**t,)
+            p = beta * q_cond[t] / (mu.unsqueeze(-1) - Q)  # (V**t, V)
+            p = p / p.sum(-1, keepdim=True)
+        else:
+            p = torch.softmax(q_cond[t].log() + Q / beta, -1)  # (V**t, V)
         out[t] = p
         value = (p * Q).sum(-1)  # (V**t,) V(h)
         if t:
@@ -111,19 +112,15 @@ def forward_kl_token_fixed_point(q_cond: list[Tensor], reward: Tensor, beta: flo
     return out
 
 
+def forward_kl_token_fixed_point(q_cond: list[Tensor], reward: Tensor, beta: float) -> list[Tensor]:
+    """[(V**t, V)] the per-prefix forward-KL fixed point pi(v|h) = beta q(v|h) / (mu_h - Q(h,v))."""
+    return _token_fixed_point(q_cond, reward, beta, forward=True)
+
+
 def reverse_kl_token_fixed_point(q_cond: list[Tensor], reward: Tensor, beta: float) -> list[Tensor]:
     """[(V**t, V)] the per-prefix reverse-KL fixed point pi(v|h) ∝ q(v|h) exp(Q(h,v)/beta), Q the expected
-    downstream reward under pi (backward induction from the last level)."""
-    T, V = len(q_cond), q_cond[0].shape[-1]
-    out: list[Tensor] = [torch.empty(0)] * T
-    Q = reward.reshape(V ** (T - 1), V)
-    for t in range(T - 1, -1, -1):
-        p = torch.softmax(q_cond[t].log() + Q / beta, -1)  # (V**t, V)
-        out[t] = p
-        value = (p * Q).sum(-1)  # (V**t,)
-        if t:
-            Q = value.reshape(V ** (t - 1), V)
-    return out
+    downstream reward under pi."""
+    return _token_fixed_point(q_cond, reward, beta, forward=False)
 
 
 def targets(q_cond: list[Tensor], reward: Tensor, beta: float) -> dict[str, Tensor]:

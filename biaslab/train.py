@@ -16,8 +16,7 @@ per-sample KL gradient estimate. Which end point that update reaches depends on 
 Every KL value comes from ``biaslab.estimators``; the coefficients dS/dlogp of the KL terms from
 ``biaslab.placements.surrogate_coefficients``, and the Monte Carlo trainer's importance ratios, PPO clipping and KL
 credit from the core recipe's batch loss (``policy_gradient_recipe``, ``biaslab.recipes``). ``logit_grad`` maps
-coefficients to the stacked tabular logits of many seeds at once (block of prefix h at level t:
-a_t e_{y_t} + c_t - p_t (a_t + sum_v c_tv), as ``TabularAR.weighted_grad`` for one model).
+coefficients to the stacked tabular logits of many seeds at once (``TabularAR.weighted_grad`` for one model).
 """
 
 from __future__ import annotations
@@ -77,10 +76,6 @@ def config_name(config: KLConfig | None) -> str:
         return NO_KL
     name = f"{config.estimator.name}:{config.placement.value}"
     return name + (":sequence" if config.level.value == "sequence" else "")
-
-
-def config_label(config: KLConfig | None) -> str:
-    return "no KL" if config is None else config.label
 
 
 def parse_reward(spec: str, vocab_size: int, length: int, seed: int = 0) -> Tensor:
@@ -247,14 +242,8 @@ def policy_gradient_recipe(config: KLConfig | None, beta: float, clip: float | N
 
 
 def sample_coefficients(
-    config: KLConfig | None,
-    beta: float,
-    tokens: Tensor,
-    logp_full: Tensor,
-    logp_mu_full: Tensor,
-    lq_full: Tensor,
-    advantage: Tensor,
-    clip: float | None = None,
+    config: KLConfig | None, beta: float, tokens: Tensor, logp_full: Tensor, logp_mu_full: Tensor, lq_full: Tensor,
+    advantage: Tensor, clip: float | None = None,
 ) -> Coefficients:
     """Per-sample coefficients (tok (N, T), full (N, T, V) or None) of the ascent direction on log pi.
 
@@ -264,9 +253,8 @@ def sample_coefficients(
     detached reward is computed at rollout), zero where PPO clipping binds. The loss half adds -beta * dK/dlogp
     computed at pi, with no importance weight (as trainers write KL losses).
     """
-    lp_tok = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    lmu_tok = logp_mu_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
-    lq_tok = lq_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    idx = tokens.unsqueeze(-1)
+    lp_tok, lmu_tok, lq_tok = (x.gather(-1, idx).squeeze(-1) for x in (logp_full, logp_mu_full, lq_full))  # (N, T)
     pg = policy_gradient_recipe(config, beta, clip)
     full = (logp_mu_full[:, None], lq_full[:, None]) if pg.needs_full_logits else None  # KL-in-reward values from mu
     ones = torch.ones_like(lp_tok)[:, None]  # (N, 1, T): every sample its own group
@@ -308,6 +296,14 @@ class TrainRun:
         return d
 
 
+def _run(config: KLConfig | None, beta: float, mode: str, steps: int, status: str, verdict: str,
+         final: dict[str, float], probs: Tensor, trajectory: list, nearest: str, mc: dict | None = None) -> TrainRun:
+    """The ``TrainRun`` of a finished run ending at pi(y) = ``probs`` (N,)."""
+    label = "no KL" if config is None else config.label
+    return TrainRun(config_name(config), label, beta, mode, steps, status, verdict, final, probs.tolist(), trajectory,
+                    nearest, mc)
+
+
 def _record_steps(steps: int, points: int = 120) -> set[int]:
     """0, ~``points`` geometrically spaced steps up to ``steps``, and every step up to 20."""
     out = set(range(min(steps, 20) + 1))
@@ -336,28 +332,21 @@ def collapse_threshold(reward: Tensor, beta: float) -> float:
 # ============================================================================ exact flow
 
 
+@dataclass(eq=False)  # compared and hashed by identity, like any object
 class ExactFlow:
-    """The exact expected-update flow of one configuration on a tabular problem (one enumeration, one step function).
+    """The exact expected-update flow of one configuration (None: no KL) on a tabular problem (one enumeration, one
+    step function). ``precondition``: divide each prefix's block by pi(prefix), else plain gradient ascent; ``lr``:
+    step size (default min(1, 1/beta) either way)."""
 
-    Args:
-        problem: the shared enumeration, reference and reward.
-        config: the KL configuration (None: no KL).
-        beta: KL coefficient.
-        precondition: divide each prefix's block by pi(prefix) (default); else plain gradient ascent.
-        lr: step size (default min(1, 1/beta) preconditioned, else the same).
-    """
+    problem: TabularProblem
+    config: KLConfig | None
+    beta: float
+    precondition: bool = True
+    lr: float | None = None
 
-    def __init__(
-        self,
-        problem: TabularProblem,
-        config: KLConfig | None,
-        beta: float,
-        precondition: bool = True,
-        lr: float | None = None,
-    ) -> None:
-        self.problem, self.config, self.beta = problem, config, float(beta)
-        self.precondition = precondition
-        self.lr = min(1.0, 1.0 / self.beta) if lr is None else float(lr)
+    def __post_init__(self) -> None:
+        self.beta = float(self.beta)
+        self.lr = min(1.0, 1.0 / self.beta) if self.lr is None else float(self.lr)
 
     def direction(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """((P, V) the expected ascent direction, (P, V) log pi(.|h) per row, (N,) log pi(y)) at stacked logits."""
@@ -376,11 +365,7 @@ class ExactFlow:
         return logit_grad(weights, tok, full, pb.tokens, pb.row_ids, logp_rows.exp()), logp_rows, logp_seq
 
     def run(
-        self,
-        start: Tensor,
-        steps: int = DEFAULT_EXACT_STEPS,
-        tol: float = DEFAULT_TOL,
-        record: bool = True,
+        self, start: Tensor, steps: int = DEFAULT_EXACT_STEPS, tol: float = DEFAULT_TOL, record: bool = True
     ) -> TrainRun:
         """Iterate from stacked logits ``start`` (P, V) until the update is below ``tol`` relative to the logits
         (converged), a conditional log-ratio passes ``collapse_threshold`` (diverged) or ``steps`` steps."""
@@ -433,30 +418,12 @@ class ExactFlow:
                 f"no fixed point in {steps} steps (still moving: last update {size:.1e}; reward {final['reward']:.4g}, "
                 f"entropy {final['entropy']:.3g}; nearest target {nearest} at L1 {l1:.2g})"
             )
-        return TrainRun(
-            config=config_name(self.config),
-            label=config_label(self.config),
-            beta=self.beta,
-            mode="exact",
-            steps=step,
-            status=status,
-            verdict=verdict,
-            final=final,
-            final_seq_probs=logp_seq.exp().tolist(),
-            trajectory=trajectory,
-            nearest_target=nearest,
-        )
+        return _run(self.config, self.beta, "exact", step, status, verdict, final, logp_seq.exp(), trajectory, nearest)
 
 
 def neural_flow(
-    policy: AutoregressiveModel,
-    ref: AutoregressiveModel,
-    reward: Tensor,
-    config: KLConfig | None,
-    beta: float,
-    steps: int = 2000,
-    lr: float = 0.5,
-    tol: float = DEFAULT_TOL,
+    policy: AutoregressiveModel, ref: AutoregressiveModel, reward: Tensor, config: KLConfig | None, beta: float,
+    steps: int = 2000, lr: float = 0.5, tol: float = DEFAULT_TOL,
 ) -> TrainRun:
     """The exact expected-gradient flow for any model (plain gradient ascent through autograd, no preconditioning).
 
@@ -468,13 +435,8 @@ def neural_flow(
         lq_full = ref.log_probs_enumerated(tokens)  # (N, T, V)
     lq_tok = lq_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
     lq_seq = lq_tok.sum(-1)
-    q_cond = cond_tables(ref)
-    tgt = targets(q_cond, reward, beta)
+    tgt = targets(cond_tables(ref), reward, beta)
     params = [p for p in policy.parameters() if p.requires_grad]
-
-    def metrics(logp_seq: Tensor) -> dict[str, float]:
-        return flow_metrics(logp_seq, lq_seq, reward, tgt)
-
     when = _record_steps(steps)
     trajectory, status, step = [], "running", 0
     while True:
@@ -482,7 +444,7 @@ def neural_flow(
         lp_tok = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
         logp_seq = lp_tok.detach().sum(-1)  # (N,)
         if step in when:
-            trajectory.append({"step": step, **metrics(logp_seq)})
+            trajectory.append({"step": step, **flow_metrics(logp_seq, lq_seq, reward, tgt)})
         if step >= steps:
             break
         w = logp_seq.exp().unsqueeze(-1)  # (N, 1)
@@ -507,36 +469,20 @@ def neural_flow(
             break
     with torch.no_grad():
         logp_seq = policy.log_probs_enumerated(tokens).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
-    final = metrics(logp_seq)
+    final = flow_metrics(logp_seq, lq_seq, reward, tgt)
     nearest, l1 = _nearest(final)
     verdict = {
         "converged": f"converges (nearest {nearest}, L1 {l1:.2g})",
         "diverged": "diverges (non-finite update)",
     }.get(status, f"no fixed point in {steps} steps (nearest {nearest}, L1 {l1:.2g})")
-    return TrainRun(
-        config_name(config),
-        config_label(config),
-        beta,
-        "exact",
-        step,
-        status,
-        verdict,
-        final,
-        logp_seq.exp().tolist(),
-        trajectory,
-        nearest,
-    )
+    return _run(config, beta, "exact", step, status, verdict, final, logp_seq.exp(), trajectory, nearest)
 
 
 # ============================================================================ lagged expected update (exact)
 
 
 def expected_update(
-    problem: TabularProblem,
-    logits: Tensor,
-    behaviour_logits: Tensor,
-    config: KLConfig | None,
-    beta: float,
+    problem: TabularProblem, logits: Tensor, behaviour_logits: Tensor, config: KLConfig | None, beta: float,
     clip: float | None = None,
 ) -> Tensor:
     """(P, V) the exact expectation, over y ~ mu (the behaviour policy's logits), of the Monte Carlo trainer's
@@ -576,6 +522,7 @@ def baseline_advantage(reward: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown baseline {kind!r}; choose one of: {', '.join(BASELINES)}")
 
 
+@dataclass(eq=False)  # compared and hashed by identity, like any object
 class MonteCarloTrainer:
     """Stochastic training of one configuration, all seeds at once (logits (S, P, V)).
 
@@ -586,33 +533,29 @@ class MonteCarloTrainer:
     reward E_pi[R] falls below ``collapse_reward`` at some step.
     """
 
-    def __init__(
-        self,
-        problem: TabularProblem,
-        config: KLConfig | None,
-        beta: float,
-        samples: int = 8,
-        seeds: int = 16,
-        optimizer: str = "adam",
-        lr: float = 0.1,
-        baseline: str = "rloo",
-        lag: int = 0,
-        clip: float | None = None,
-        seed: int = 0,
-        collapse_reward: float = COLLAPSE_REWARD,
-    ) -> None:
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose sgd or adam")
-        if baseline not in BASELINES:
-            raise ValueError(f"unknown baseline {baseline!r}; choose one of: {', '.join(BASELINES)}")
-        if samples < 1 or seeds < 1 or lag < 0:
+    problem: TabularProblem
+    config: KLConfig | None
+    beta: float
+    samples: int = 8
+    seeds: int = 16
+    optimizer: str = "adam"
+    lr: float = 0.1
+    baseline: str = "rloo"
+    lag: int = 0
+    clip: float | None = None
+    seed: int = 0
+    collapse_reward: float = COLLAPSE_REWARD
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {self.baseline!r}; choose one of: {', '.join(BASELINES)}")
+        if self.samples < 1 or self.seeds < 1 or self.lag < 0:
             raise ValueError("need --samples >= 1, --seeds >= 1 and --lag >= 0")
-        if clip is not None and not 0 <= clip < 1:
-            raise ValueError(f"--clip (PPO epsilon) must lie in [0, 1), got {clip}")
-        self.problem, self.config, self.beta = problem, config, float(beta)
-        self.samples, self.seeds, self.optimizer, self.lr = samples, seeds, optimizer, lr
-        self.baseline, self.lag, self.clip, self.seed = baseline, lag, clip, seed
-        self.collapse_reward = collapse_reward
+        if self.clip is not None and not 0 <= self.clip < 1:
+            raise ValueError(f"--clip (PPO epsilon) must lie in [0, 1), got {self.clip}")
+        self.beta = float(self.beta)
 
     def _sample(self, mu_probs: Tensor, gen: torch.Generator, S: int) -> tuple[Tensor, Tensor]:
         """(tokens (S*N, T), global rows (S*N, T)) sampled from mu_probs (S*P, V)."""
@@ -634,8 +577,7 @@ class MonteCarloTrainer:
         """(S, P, V) one step's ascent direction per seed: the mean over N samples from ``behaviour`` (S, P, V) of
         the per-sample direction at the policy's ``logits`` (S, P, V)."""
         pb, S, N = self.problem, logits.shape[0], self.samples
-        flat = logits.reshape(S * pb.n_rows, pb.V)
-        logp_rows = torch.log_softmax(flat, -1)  # (S*P, V)
+        logp_rows = torch.log_softmax(logits.reshape(S * pb.n_rows, pb.V), -1)  # (S*P, V)
         lmu_rows = torch.log_softmax(behaviour.reshape(S * pb.n_rows, pb.V), -1)  # (S*P, V)
         tokens, rows = self._sample(lmu_rows.exp(), gen, S)  # (S*N, T)
         seq = (tokens * (pb.V ** torch.arange(pb.T - 1, -1, -1))).sum(-1)  # (S*N,) base-V index
@@ -653,8 +595,7 @@ class MonteCarloTrainer:
         logits = start.to(DTYPE).unsqueeze(0).repeat(S, 1, 1).contiguous()  # (S, P, V)
         gen = torch.Generator().manual_seed(self.seed)
         history: deque[Tensor] = deque(maxlen=self.lag + 1)
-        m = torch.zeros_like(logits)
-        v = torch.zeros_like(logits)
+        m, v = torch.zeros_like(logits), torch.zeros_like(logits)  # Adam's moments
         b1, b2, eps = 0.9, 0.999, 1e-8
         limit = min(collapse_threshold(pb.reward, beta), 600.0 / pb.T)
         alive = torch.ones(S, dtype=torch.bool)
@@ -667,9 +608,9 @@ class MonteCarloTrainer:
             lp = pb.seq_log_probs(logits)  # (S, N_seq)
             p = lp.exp()
             rew = p @ pb.reward  # (S,)
-            newly = (rew < self.collapse_reward) & ~collapsed
-            first_collapse[newly] = step
-            collapsed.logical_or_(rew < self.collapse_reward)
+            low = rew < self.collapse_reward
+            first_collapse[low & ~collapsed] = step
+            collapsed.logical_or_(low)
             if step in when:
                 trajectory.append(
                     {
@@ -707,13 +648,9 @@ class MonteCarloTrainer:
         lo, hi = clopper_pearson(k, S)
         mean_p = p.mean(0)
         final = pb.metrics(mean_p.log(), beta)  # metrics of the seed-averaged distribution
-        final.update(
-            {
-                "reward_mean_over_seeds": float(rew.mean()),
-                "entropy_mean_over_seeds": float(entropy(p).mean()),
-                "collapse_fraction": k / S,
-            }
-        )
+        final.update(reward_mean_over_seeds=float(rew.mean()), entropy_mean_over_seeds=float(entropy(p).mean()))
+        final["collapse_fraction"] = k / S
+        diverged = int((~alive).sum())
         settings = ("optimizer", "lr", "baseline", "lag", "clip", "seed", "collapse_reward")
         mc = {
             "samples": N,
@@ -722,28 +659,15 @@ class MonteCarloTrainer:
             "collapsed": k,
             "collapse_fraction": k / S,
             "collapse_ci95": [lo, hi],
-            "diverged": int((~alive).sum()),
+            "diverged": diverged,
             "first_collapse_step": first_collapse.tolist(),
             "final_reward_per_seed": rew.tolist(),
         }
         verdict = (
             f"collapses in {k}/{S} seeds ({k / S:.2f}, 95% CI [{lo:.2f}, {hi:.2f}]); "
-            f"diverged {int((~alive).sum())}/{S}; mean final reward {float(rew.mean()):.3g}"
+            f"diverged {diverged}/{S}; mean final reward {float(rew.mean()):.3g}"
         )
-        return TrainRun(
-            config_name(self.config),
-            config_label(self.config),
-            beta,
-            "mc",
-            steps,
-            "mc",
-            verdict,
-            final,
-            mean_p.tolist(),
-            trajectory,
-            "",
-            mc,
-        )
+        return _run(self.config, beta, "mc", steps, "mc", verdict, final, mean_p, trajectory, "", mc)
 
 
 # ============================================================================ one entry point
@@ -763,16 +687,9 @@ class TrainSetup:
 
 
 def train(
-    setup: TrainSetup,
-    configs: list[KLConfig | None],
-    betas: list[float],
-    mode: str = "exact",
-    steps: int | None = None,
-    tol: float = DEFAULT_TOL,
-    precondition: bool = True,
-    lr: float | None = None,
-    record: bool = True,
-    **mc_options: object,
+    setup: TrainSetup, configs: list[KLConfig | None], betas: list[float], mode: str = "exact",
+    steps: int | None = None, tol: float = DEFAULT_TOL, precondition: bool = True, lr: float | None = None,
+    record: bool = True, **mc_options: object,
 ) -> TrainResult:
     """Train every configuration at every beta (``mc_options``: ``MonteCarloTrainer`` arguments).
 
@@ -787,34 +704,27 @@ def train(
     problem = TabularProblem(setup.ref, setup.reward) if setup.tabular else None
     if mode == "mc" and problem is None:
         raise ModelError("--mode mc trains tabular models only (use --model tabular or --logits)")
+    start = None if problem is None else problem.stack([lvl.detach() for lvl in setup.policy.levels])
     for beta in betas:
         for config in configs:
             if problem is None:
                 policy = copy.deepcopy(setup.policy).requires_grad_(True)
-                flow_steps, flow_lr = steps or 2000, lr or 0.5
-                runs.append(neural_flow(policy, setup.ref, setup.reward, config, beta, flow_steps, flow_lr, tol))
-                continue
-            start = problem.stack([lvl.detach() for lvl in setup.policy.levels])
-            if mode == "exact":
+                run = neural_flow(policy, setup.ref, setup.reward, config, beta, steps or 2000, lr or 0.5, tol)
+            elif mode == "exact":
                 flow = ExactFlow(problem, config, beta, precondition=precondition, lr=lr)
-                runs.append(flow.run(start, steps=steps or DEFAULT_EXACT_STEPS, tol=tol, record=record))
+                run = flow.run(start, steps=steps or DEFAULT_EXACT_STEPS, tol=tol, record=record)
             else:
                 trainer = MonteCarloTrainer(problem, config, beta, lr=lr or 0.1, **mc_options)  # type: ignore[arg-type]
-                runs.append(trainer.run(start, steps=steps or 500))
+                run = trainer.run(start, steps=steps or 500)
+            runs.append(run)
     q_cond = cond_tables(setup.ref)
     q_seq = sequence_probs(q_cond)  # (V**T,)
-    tg: dict[str, object] = {}
-    for beta in betas:
-        tg[str(beta)] = {
-            name: {
-                "seq_probs": p.tolist(),
-                "reward": float(p @ setup.reward),
-                "reverse_kl": float(kl(p, q_seq)),
-                "forward_kl": float(kl(q_seq, p)),
-                "entropy": float(entropy(p)),
-            }
-            for name, p in targets(q_cond, setup.reward, beta).items()
-        }
+
+    def stats(p: Tensor) -> dict[str, object]:
+        return {"seq_probs": p.tolist(), "reward": float(p @ setup.reward), "reverse_kl": float(kl(p, q_seq)),
+                "forward_kl": float(kl(q_seq, p)), "entropy": float(entropy(p))}
+
+    tg = {str(b): {name: stats(p) for name, p in targets(q_cond, setup.reward, b).items()} for b in betas}
     return TrainResult(runs, tg)
 
 

@@ -60,9 +60,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from .fixedpoints import sequence_probs
     from .io import load_logits_npz
     from .toy import make_pair
-    from .train import TrainSetup, parse_configs, parse_reward, train
+    from .train import TrainSetup, cond_tables, parse_configs, parse_reward, train
 
     torch.set_num_threads(1)
     configs = parse_configs(args.configs)
@@ -72,29 +73,10 @@ def run_train(args: argparse.Namespace) -> int:
         policy, ref = make_pair(args.model, args.vocab, args.length, seed=args.seed, kl_scale=args.kl_scale)
     V, T = policy.vocab_size, policy.length
     reward = parse_reward(args.reward, V, T, seed=args.seed)
-    mc = {}
-    if args.mode == "mc":
-        mc = dict(
-            samples=args.samples,
-            seeds=args.seeds,
-            optimizer=args.optimizer,
-            baseline=args.baseline,
-            lag=args.lag,
-            clip=args.clip,
-            seed=args.seed,
-            collapse_reward=args.collapse_reward,
-        )
-    result = train(
-        TrainSetup(policy, ref, reward),
-        configs,
-        args.beta,
-        mode=args.mode,
-        steps=args.steps,
-        tol=args.tol,
-        precondition=not args.no_precondition,
-        lr=args.lr,
-        **mc,
-    )
+    mc_flags = ("samples", "seeds", "optimizer", "baseline", "lag", "clip", "seed", "collapse_reward")
+    mc = {k: getattr(args, k) for k in mc_flags} if args.mode == "mc" else {}
+    result = train(TrainSetup(policy, ref, reward), configs, args.beta, mode=args.mode, steps=args.steps,
+                   tol=args.tol, precondition=not args.no_precondition, lr=args.lr, **mc)
     meta = {
         "model": "logits" if args.logits else args.model,
         "logits": args.logits,
@@ -117,7 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     print(
         f"biaslab train: {meta['model']} toy V={V} T={T} seed {args.seed}, reward {args.reward} "
-        f"(E_ref[R] = {_ref_reward(ref, reward):.4g}), mode {args.mode}"
+        f"(E_ref[R] = {float(sequence_probs(cond_tables(ref)) @ reward):.4g}), mode {args.mode}"
     )
     for beta in args.beta:
         print(f"\nbeta {beta}: closed-form end points")
@@ -135,10 +117,3 @@ def run_train(args: argparse.Namespace) -> int:
                 f"{f['entropy']:8.4f} {run.steps:6d}  {run.verdict}"
             )
     return 0
-
-
-def _ref_reward(ref: object, reward: object) -> float:
-    from .fixedpoints import sequence_probs
-    from .train import cond_tables
-
-    return float(sequence_probs(cond_tables(ref)) @ reward)  # type: ignore[arg-type, operator]
