@@ -709,13 +709,14 @@ def train(
         for config in configs:
             if problem is None:
                 policy = copy.deepcopy(setup.policy).requires_grad_(True)
-                run = neural_flow(policy, setup.ref, setup.reward, config, beta, steps or 2000, lr or 0.5, tol)
+                run = neural_flow(policy, setup.ref, setup.reward, config, beta, 2000 if steps is None else steps,
+                                  0.5 if lr is None else lr, tol)
             elif mode == "exact":
                 flow = ExactFlow(problem, config, beta, precondition=precondition, lr=lr)
-                run = flow.run(start, steps=steps or DEFAULT_EXACT_STEPS, tol=tol, record=record)
+                run = flow.run(start, steps=DEFAULT_EXACT_STEPS if steps is None else steps, tol=tol, record=record)
             else:
-                trainer = MonteCarloTrainer(problem, config, beta, lr=lr or 0.1, **mc_options)  # type: ignore[arg-type]
-                run = trainer.run(start, steps=steps or 500)
+                trainer = MonteCarloTrainer(problem, config, beta, lr=0.1 if lr is None else lr, **mc_options)  # type: ignore[arg-type]
+                run = trainer.run(start, steps=500 if steps is None else steps)
             runs.append(run)
     q_cond = cond_tables(setup.ref)
     q_seq = sequence_probs(q_cond)  # (V**T,)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from . import __version__
@@ -43,9 +44,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="ESTIMATOR:PLACEMENT[:LEVEL],... or none")
     p.add_argument("--mode", choices=["exact", "mc"], default="exact")
     p.add_argument("--steps", type=positive_int, help="exact: 50000 (stops earlier when converged); mc: 500")
-    p.add_argument("--tol", type=float, default=1e-12, help="exact: stop when the update is below this (relative)")
+    p.add_argument("--tol", type=_positive_float, default=1e-12,
+                   help="exact: stop when the update is below this (relative)")
     p.add_argument("--no-precondition", action="store_true", help="exact tabular: plain gradient ascent")
-    p.add_argument("--lr", type=float, default=None, help="step size (exact: min(1, 1/beta); mc: 0.1)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="step size (exact: min(1, 1/beta); mc: 0.1)")
     p.add_argument("--samples", type=positive_int, default=8, help="mc: samples per step and seed")
     p.add_argument("--seeds", type=positive_int, default=16, help="mc: independent runs (vectorized)")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
@@ -54,7 +56,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", type=float, default=None, help="mc: PPO clip epsilon on the importance ratio, in [0, 1)")
     p.add_argument("--collapse-reward", type=float, default=0.01, help="mc: collapse when E[R] falls below this")
     p.add_argument("--no-trajectory", action="store_true", help="json: leave out the recorded trajectories")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, flag_defaults={k: p.get_default(k) for k in MC_ONLY + EXACT_ONLY})
+
+
+#: flags only one mode (or model) reads: set away from their defaults where they are not read, they are refused
+MC_ONLY = ("samples", "seeds", "optimizer", "baseline", "lag", "clip", "collapse_reward")
+EXACT_ONLY = ("tol", "no_precondition")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """The flags set away from their defaults (``args.flag_defaults``) that this mode / model does not read."""
+    tabular = args.logits is not None or args.model == "tabular"
+    unused = EXACT_ONLY if args.mode == "mc" else MC_ONLY + (() if tabular else ("no_precondition",))
+    return ["--" + k.replace("_", "-") for k in unused if getattr(args, k) != args.flag_defaults[k]]
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -74,6 +98,15 @@ def run_train(args: argparse.Namespace) -> int:
     V, T = policy.vocab_size, policy.length
     reward = parse_reward(args.reward, V, T, seed=args.seed)
     mc_flags = ("samples", "seeds", "optimizer", "baseline", "lag", "clip", "seed", "collapse_reward")
+    unused = unused_flags(args)
+    if unused:
+        if args.mode == "mc":
+            why = "--mode mc (they steer the exact flow)"
+        elif unused == ["--no-precondition"]:
+            why = "the neural model (it applies to tabular models)"
+        else:
+            why = "--mode exact (Monte Carlo flags apply to --mode mc)"
+        raise ValueError(f"{', '.join(unused)} not read with {why}: leave them out or change the mode")
     mc = {k: getattr(args, k) for k in mc_flags} if args.mode == "mc" else {}
     result = train(TrainSetup(policy, ref, reward), configs, args.beta, mode=args.mode, steps=args.steps,
                    tol=args.tol, precondition=not args.no_precondition, lr=args.lr, **mc)

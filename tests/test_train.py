@@ -330,6 +330,14 @@ def test_cli_json_end_states_match_independent_fixed_points_on_an_unseen_problem
         (["--mode", "mc", "--clip", "1.5"], "[0, 1)"),
         (["--vocab", "1"], "at least 2 tokens"),
         (["--samples", "0"], "positive integer"),
+        # a flag the chosen mode does not read is refused, not silently ignored
+        (["--samples", "64"], "--samples not read with --mode exact"),
+        (["--lag", "2", "--clip", "0.2", "--baseline", "grpo"], "--baseline, --lag, --clip not read with --mode exact"),
+        (["--mode", "mc", "--tol", "1e-6"], "--tol not read with --mode mc"),
+        (["--mode", "mc", "--no-precondition"], "--no-precondition not read with --mode mc"),
+        (["--model", "neural", "--no-precondition"], "not read with the neural model"),
+        (["--lr", "0"], "must be a finite number > 0"),
+        (["--tol", "-1"], "must be a finite number > 0"),
     ],
 )
 def test_cli_usage_errors_exit_2(args, message, capsys):
