@@ -89,6 +89,8 @@ class UserLoss:
     """
 
     whiten = False
+    has_reward_kl = True  # unknown where the function puts its KL: both flags keep the engine's KL paths on
+    has_loss_kl = True
 
     def __init__(
         self,
@@ -117,14 +119,6 @@ class UserLoss:
 
     # ---------------------------------------------------------------- the rule interface
 
-    @property
-    def has_reward_kl(self) -> bool:
-        return True  # unknown where the function puts its KL; both flags keep the engine's KL paths on
-
-    @property
-    def has_loss_kl(self) -> bool:
-        return True
-
     def without_kl(self) -> UserLoss:
         """The same function with the behaviour policy as its own reference (KL values 0; module docstring)."""
         other = copy.copy(self)  # the same settings, vectorization mode and compute dtype
@@ -137,9 +131,7 @@ class UserLoss:
     def describe(self) -> str:
         return f"user loss {self.name} (beta {self.beta:g}, aggregation {self.agg})"
 
-    @property
-    def label(self) -> str:
-        return self.describe()
+    label = property(describe)
 
     # ---------------------------------------------------------------- evaluation
 

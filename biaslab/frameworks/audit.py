@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..exact import ExactEngine, ExactResult, enumerate_complete
+from ..exact import ExactEngine, ExactResult, config_dtype, enumerate_complete
 from ..recipes import Recipe
 from ..toy import TabularAR
+from ..userloss import DTYPES, UserLoss, UserLossError, precision_report
+from ..verdict import exact_verdict
 from . import get_preset
 from .base import Preset, PresetError
 
@@ -110,10 +112,14 @@ def task_rewards(n: int, seed: int) -> torch.Tensor:
     return (torch.rand(n, generator=g, dtype=torch.float64) < 0.5).to(torch.float64)
 
 
+def _one_of(name: str, value: object, allowed, error: type[ValueError] = PresetError) -> None:
+    if value not in allowed:
+        raise error(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 def build_engines(toy: AuditToy, group: int, rewards: str = "zero") -> Engines:
     """Engines for the three scenarios; ``rewards="binary"`` gives every response a seeded 0/1 task reward."""
-    if rewards not in REWARDS:
-        raise PresetError(f"unknown rewards {rewards!r}; choose one of: {', '.join(REWARDS)}")
+    _one_of("rewards", rewards, REWARDS)
     policy, ref, behaviour = toy.models()
     g = max(1, min(group, toy.max_group))
 
@@ -182,9 +188,6 @@ def evaluate_whole_update(rule, engine, beta: float):
     """Exact verdict of the whole update against the regularised objective: E[g] = nominal * d with
     d = grad KL(pi || pi_ref) - grad E_pi[R] / beta (the core verdict rule ``biaslab.verdict.exact_verdict`` with the
     named directions shifted the same way: "reverse_kl" is then grad(beta KL - E[R]) / beta, etc.)."""
-    from ..exact import config_dtype
-    from ..verdict import exact_verdict
-
     truths = engine.truths()
     task = engine.task_grad() / beta  # (P,)
     mean, second, wstd = engine.moments(_WholeUpdate(rule))
@@ -339,6 +342,8 @@ def audit(
     ``lenient=True`` (a whole config file): keys the preset does not read are listed under ``ignored`` instead
     of refused; values it cannot model are still refused.
     """
+    if dtype is not None:
+        _one_of("dtype", dtype, DTYPES)
     toy = toy or AuditToy()
     preset = get_preset(framework)
     cfg, read, ignored = preset.read_config(settings, lenient=lenient)
@@ -378,10 +383,6 @@ def audit(
     rows = evaluate_scenarios(recipe, eng, toy, lag, progress)
     out.update(rows)
     if dtype is not None:
-        from ..userloss import DTYPES, precision_report
-
-        if dtype not in DTYPES:
-            raise PresetError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         out["precision"] = precision_report(recipe, dtype, group_size=eng.group)
     if lag > 1:
         out["notes"].append(
@@ -390,17 +391,16 @@ def audit(
         )
     out["nearest_unbiased"] = None
     out["nearest_unbiased_all_lengths"] = None
-    if search:
-        if rows["verdict"] == "unbiased":
-            out["nearest_unbiased"] = {"changes": {}, "set": "", "variance": rows["on_policy"]["variance"]}
-        sr = nearest_unbiased(preset, cfg, toy, requested) if rows["verdict"] != "unbiased" else None
-        if sr is not None:
-            out["search_evaluations"] = sr.evaluated
-            out["notes"].extend(sr.notes)
-            if sr.nearest is not None:
-                out["nearest_unbiased"] = _suggestion(preset, cfg, sr.nearest)
-            if sr.nearest_all_lengths is not None:
-                out["nearest_unbiased_all_lengths"] = _suggestion(preset, cfg, sr.nearest_all_lengths)
+    if search and rows["verdict"] == "unbiased":
+        out["nearest_unbiased"] = {"changes": {}, "set": "", "variance": rows["on_policy"]["variance"]}
+    elif search:
+        sr = nearest_unbiased(preset, cfg, toy, requested)
+        out["search_evaluations"] = sr.evaluated
+        out["notes"].extend(sr.notes)
+        if sr.nearest is not None:
+            out["nearest_unbiased"] = _suggestion(preset, cfg, sr.nearest)
+        if sr.nearest_all_lengths is not None:
+            out["nearest_unbiased_all_lengths"] = _suggestion(preset, cfg, sr.nearest_all_lengths)
     return out
 
 
@@ -443,20 +443,15 @@ def audit_loss(
     Same scenarios, rows and JSON layout as a preset audit; the top-level ``verdict`` is the on-policy
     fixed-length one. ``dtype`` adds a ``precision`` report (value and gradient error against float64).
     """
-    from ..userloss import DTYPES, UserLoss, UserLossError, precision_report
-
     toy = toy or AuditToy()
     if not (isinstance(group_size, int) and group_size >= 1):
         raise UserLossError(f"group_size must be a positive integer, got {group_size!r}")
-    cdt = None
     if compute_dtype is not None:
-        if compute_dtype not in DTYPES and compute_dtype != "float64":
-            raise UserLossError(f"compute_dtype must be one of float64, {', '.join(DTYPES)}; got {compute_dtype!r}")
-        cdt = DTYPES.get(compute_dtype, torch.float64)
-    if dtype is not None and dtype not in DTYPES:
-        raise UserLossError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if rewards not in REWARDS:
-        raise UserLossError(f"rewards must be one of {', '.join(REWARDS)}; got {rewards!r}")
+        _one_of("compute_dtype", compute_dtype, ("float64", *DTYPES), UserLossError)
+    if dtype is not None:
+        _one_of("dtype", dtype, DTYPES, UserLossError)
+    _one_of("rewards", rewards, REWARDS, UserLossError)
+    cdt = None if compute_dtype is None else DTYPES.get(compute_dtype, torch.float64)
     rule = UserLoss(fn, beta=beta, agg=agg, name=name, vectorize=vectorize, compute_dtype=cdt)
     if group_size > toy.max_group:
         raise UserLossError(

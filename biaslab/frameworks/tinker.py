@@ -26,7 +26,7 @@ class Tinker(Preset):
     sources = "tinker-cookbook main (late 2026): tinker_cookbook/rl/metrics.py, rl/data_processing.py, rl/train.py"
     keys = (
         Key("kl_penalty_coef", 0.0, "float"),
-        Key("kl_discount_factor", 0.0, "float"),
+        Key("kl_discount_factor", 0.0, "float", search=(1.0,)),
         Key("group_size", 4, "int"),
         Key("num_substeps", 1, "int"),
     )
@@ -35,11 +35,6 @@ class Tinker(Preset):
     kl_switch = {"kl_penalty_coef": 0.01}
     lag_keys = ("num_substeps",)
     unit_keys = ("kl_discount_factor",)
-
-    def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
-        if name == "kl_discount_factor":
-            return [v for v in (1.0,) if v != cfg[name]]
-        return super().search_values(name, cfg)
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         coef = float(cfg["kl_penalty_coef"])
@@ -56,7 +51,6 @@ class Tinker(Preset):
             # discounting, the model after); group-level centring is Recipe(reward_kl_center="group_token_mean")
             whiten=True,
             whiten_std=False,
-            pg_ratio="token",
             pg_agg="token-sum",
         )
 

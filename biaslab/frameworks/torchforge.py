@@ -31,7 +31,6 @@ class TorchForge(Preset):
         return Recipe(
             name="torchforge",
             baseline="grpo",
-            pg_ratio="token",
             pg_agg="seq-mean-token-mean",
             loss_estimator="k3" if beta != 0 else None,
             loss_coef=beta,
