@@ -151,18 +151,14 @@ def evaluate_scenarios(
     if lag > 1:
         jobs.append(("off_policy", eng.offpolicy))
     out: dict = {}
-    bar = _progress(len(jobs), progress)
-    try:
+    with _progress(len(jobs), progress) as bar:
         for key, engine in jobs:
             try:
                 res = engine.evaluate(rule) if whole_beta is None else evaluate_whole_update(rule, engine, whole_beta)
-                out[key] = _row(res)
             except ValueError as exc:  # name the scenario (UserLossError is a ValueError)
-                label = dict(SCENARIOS)[key]
-                raise type(exc)(f"{label}: {exc}") from exc
+                raise type(exc)(f"{dict(SCENARIOS)[key]}: {exc}") from exc
+            out[key] = _row(res)
             bar.update(1)
-    finally:
-        bar.close()
     if lag > 1:
         out["off_policy"]["behaviour"] = f"mu = pi + {toy.behaviour_shift} noise"
     else:
@@ -411,17 +407,13 @@ def audit_defaults(toy: AuditToy | None = None, progress: bool | None = False) -
     toy = toy or AuditToy()
     cache: dict[int, Engines] = {}
     rows = AuditTable()
-    bar = _progress(len(PRESETS), progress, unit="framework")
-    try:
+    with _progress(len(PRESETS), progress, unit="framework") as bar:
         for name, preset in PRESETS.items():
-            cfg = preset.config({})
-            g = max(1, min(preset.group_size(cfg), toy.max_group))
+            g = max(1, min(preset.group_size(preset.config({})), toy.max_group))
             if g not in cache:
                 cache[g] = build_engines(toy, g)
             rows.append(audit(name, {}, toy, enable_kl=True, search=False, engines=cache[g]))
             bar.update(1)
-    finally:
-        bar.close()
     return rows
 
 
@@ -502,7 +494,8 @@ def audit_loss(
     return out
 
 
-COLUMNS = ("framework", "scenario", "verdict", "direction", "rel_bias", "scale", "variance", "nearest_cos", "recipe")
+NUMBERS = ("rel_bias", "scale", "variance", "nearest_cos")
+COLUMNS = ("framework", "scenario", "verdict", "direction", *NUMBERS, "recipe")
 
 
 def records(report: dict | list[dict]) -> list[dict]:
@@ -514,16 +507,14 @@ def records(report: dict | list[dict]) -> list[dict]:
             row = r.get(key)
             if not row:
                 continue
+            numbers = {c: row.get(c, float("nan")) for c in NUMBERS}
             records.append(
                 {
                     "framework": r["framework"],
                     "scenario": label,
                     "verdict": row.get("verdict"),
                     "direction": row.get("direction", "-"),
-                    "rel_bias": row.get("rel_bias", float("nan")),
-                    "scale": row.get("scale", float("nan")),
-                    "variance": row.get("variance", float("nan")),
-                    "nearest_cos": row.get("nearest_cos", float("nan")),
+                    **numbers,
                     "recipe": r["recipe"],
                 }
             )
@@ -537,9 +528,9 @@ def rows_frame(report: dict | list[dict]):
     except ImportError:  # pragma: no cover
         raise ImportError("rows_frame / to_frame need pandas (pip install pandas)") from None
     df = pd.DataFrame.from_records(records(report), columns=list(COLUMNS))
-    for col in ("rel_bias", "scale", "variance", "nearest_cos"):
+    for col in NUMBERS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in ("framework", "scenario", "verdict", "direction", "recipe"):
+    for col in set(COLUMNS) - set(NUMBERS):
         df[col] = df[col].astype("string")
     return df
 

@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..estimators import Estimator
 from ..recipes import Recipe
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -173,8 +172,17 @@ class Preset:
         return updates
 
     def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        """The keys behind ``updates_per_rollout``, for the notes."""
-        return " x ".join(f"{k}={cfg[k]}" for k in self.lag_keys)
+        """The keys behind ``updates_per_rollout``, for the notes (rollout keys / mini-batch key x lag keys; a
+        rollout key with the previous one's dotted prefix is shown without it)."""
+        terms = [f"{k}={cfg[k]}" for k in self.lag_keys]
+        if self.minibatch_key:
+            shown, prefix = [], ""
+            for k in self.rollout_keys:
+                head, _, tail = k.rpartition(".")
+                shown.append(f"{tail if head and head == prefix else k}={cfg[k]}")
+                prefix = head
+            terms.insert(0, f"{' x '.join(shown)} / {self.minibatch_key}={cfg[self.minibatch_key]}")
+        return " x ".join(terms)
 
     def needs_critic(self, cfg: Mapping[str, object]) -> bool:
         """True when the configuration trains a value network (the audit takes the critic as 0)."""
@@ -266,19 +274,11 @@ def kl_terms(reward: tuple | None = None, loss: tuple | None = None) -> dict[str
     return out
 
 
-def estimator_of(table: Mapping[str, Estimator | str], key: str, value: str) -> Estimator | str:
-    try:
-        return table[value]
-    except KeyError:
-        raise PresetError(f"unknown value {value!r} for {key}; accepted values: {', '.join(table)}") from None
-
-
 __all__ = [
     "Key",
     "Preset",
     "PresetError",
     "clip_range",
-    "estimator_of",
     "fixed_kl",
     "kl_terms",
     "resolve_interpolation",

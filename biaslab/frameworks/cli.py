@@ -23,7 +23,7 @@ from ..io import to_json
 from ..recipes import RecipeError
 from ..userloss import DTYPES, UserLossError, load_loss
 from . import PRESETS, get_preset
-from .audit import COLUMNS, REWARDS, AuditToy, audit, audit_defaults, audit_loss, fmt_value, records
+from .audit import COLUMNS, REWARDS, SCENARIOS, AuditToy, audit, audit_defaults, audit_loss, fmt_value, records
 from .base import PresetError
 
 
@@ -113,11 +113,7 @@ def _text(report: dict) -> str:
             if off.get("updates_per_rollout", 2) <= 1
             else (f"off-policy (mu = pi + {t['behaviour_shift']} noise)")
         )
-        for label, key in (
-            ("on-policy, fixed length", "on_policy"),
-            ("on-policy, variable length", "variable_length"),
-            (off_label, "off_policy"),
-        ):
+        for key, label in (*SCENARIOS[:2], ("off_policy", off_label)):
             r = report[key]
             lines.append(
                 f"{label:34s}{r['verdict']:10s}{r['direction']:38s} {_num(r['rel_bias']):>10s}"

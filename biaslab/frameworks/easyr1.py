@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, clip_range, estimator_of, fixed_kl, kl_terms
+from .base import Key, Preset, clip_range, fixed_kl, kl_terms
 from .verl import KL_TYPES
 
 KL = {k: v for k, v in KL_TYPES.items() if not k.endswith("+")}
@@ -64,7 +64,7 @@ class EasyR1(Preset):
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["algorithm.adv_estimator"]
         on = not cfg["algorithm.disable_kl"] and float(cfg["algorithm.kl_coef"]) != 0
-        term = (estimator_of(KL, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"]), cfg["algorithm.kl_coef"])
+        term = (KL[cfg["algorithm.kl_penalty"]], cfg["algorithm.kl_coef"])
         agg = AVG[cfg["worker.actor.loss_avg_mode"]]
         return Recipe(
             name="easyr1",
@@ -85,9 +85,3 @@ class EasyR1(Preset):
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
         changed = {"algorithm.disable_kl": False} if cfg["algorithm.disable_kl"] else {}
         return {**cfg, **changed}, changed
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"data.rollout_batch_size={cfg['data.rollout_batch_size']} / worker.actor.global_batch_size="
-            f"{cfg['worker.actor.global_batch_size']} x worker.actor.ppo_epochs={cfg['worker.actor.ppo_epochs']}"
-        )

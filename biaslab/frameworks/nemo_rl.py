@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, estimator_of, kl_terms
+from .base import Key, Preset, kl_terms
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3"}
 L = "loss_fn."
@@ -79,7 +79,7 @@ class NemoRL(Preset):
     dual_clip_keys = (L + "ratio_clip_c",)
 
     def estimator(self, cfg: Mapping[str, object]):
-        base = estimator_of(KL_TYPES, L + "reference_policy_kl_type", cfg[L + "reference_policy_kl_type"])
+        base = KL_TYPES[cfg[L + "reference_policy_kl_type"]]
         lo, hi = cfg[L + "kl_input_clamp_value"], cfg[L + "kl_output_clamp_value"]
         if lo is None and hi is None:
             return base
@@ -115,13 +115,6 @@ class NemoRL(Preset):
             pg_agg=agg,
             loss_weight="ratio" if cfg[L + "use_on_policy_kl_approximation"] else "score",
             loss_agg=agg,
-        )
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"grpo.num_prompts_per_step={cfg['grpo.num_prompts_per_step']} x num_generations_per_prompt="
-            f"{cfg['grpo.num_generations_per_prompt']} / policy.train_global_batch_size="
-            f"{cfg['policy.train_global_batch_size']}"
         )
 
     def no_kl_reason(self, cfg: Mapping[str, object]) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from ..estimators import straight_through
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, clip_range, estimator_of, fixed_kl, kl_terms
+from .base import Key, Preset, PresetError, clip_range, fixed_kl, kl_terms
 
 KL_VALUES = {"k1": "k1_clamped", "k2": "k2_clamped", "k3": "k3_lowclamp"}
 ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce")
@@ -83,7 +83,7 @@ class OpenRLHF(Preset):
             raise PresetError(f"algo.advantage.estimator={adv} requires rollout.n_samples_per_prompt > 1 (as OpenRLHF)")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
-        est = estimator_of(KL_VALUES, "algo.kl.estimator", cfg["algo.kl.estimator"])
+        est = KL_VALUES[cfg["algo.kl.estimator"]]
         adv = cfg["algo.advantage.estimator"]
         use_loss, coef = cfg["algo.kl.use_loss"], max(float(cfg["algo.kl.init_coef"]), 0.0)
         unbiased = use_loss and cfg["algo.kl.unbiased_gradient"]
@@ -117,13 +117,6 @@ class OpenRLHF(Preset):
         if adv == "gae":
             return float(cfg["algo.advantage.gamma"]) * float(cfg["algo.advantage.lambd"])
         return float(cfg["algo.advantage.gamma"]) if adv == "reinforce" else 1.0
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"rollout.batch_size={cfg['rollout.batch_size']} x n_samples_per_prompt="
-            f"{cfg['rollout.n_samples_per_prompt']} / train.batch_size={cfg['train.batch_size']} x "
-            f"train.max_epochs={cfg['train.max_epochs']}"
-        )
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = []

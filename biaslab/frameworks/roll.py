@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, clip_range, estimator_of, fixed_kl, kl_terms
+from .base import Key, Preset, clip_range, fixed_kl, kl_terms
 
 KL_PENALTY = {"kl": "k1", "abs": "abs", "mse": "k2"}
 K3_LOSS = clamped("k3", output_clamp=10.0, name="k3_roll")
@@ -62,7 +62,7 @@ class Roll(Preset):
         use_r = bool(cfg["add_token_level_kl"]) and float(cfg["init_kl_coef"]) != 0
         use_l = bool(cfg["use_kl_loss"]) and float(cfg["kl_loss_coef"]) != 0
         discount = float(cfg["gamma"]) * (float(cfg["lambd"]) if adv == "gae" else 1.0)
-        reward = estimator_of(KL_PENALTY, "kl_penalty", cfg["kl_penalty"])
+        reward = KL_PENALTY[cfg["kl_penalty"]]
         return Recipe(
             name="roll",
             **kl_terms(

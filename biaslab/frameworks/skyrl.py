@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of, kl_terms
+from .base import Key, Preset, PresetError, kl_terms
 
 KL_TYPES = {"k1": "k1", "abs": "abs", "k2": "k2", "k3": "k3_clamped"}
 REDUCTIONS = {
@@ -67,7 +67,7 @@ class SkyRL(Preset):
             raise PresetError(f"{P}use_kl_loss and {P}use_kl_in_reward are mutually exclusive in SkyRL")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
-        est = estimator_of(KL_TYPES, P + "kl_estimator_type", cfg[P + "kl_estimator_type"])
+        est = KL_TYPES[cfg[P + "kl_estimator_type"]]
         adv = cfg[P + "advantage_estimator"]
         baseline = {"gae": "none", "rloo": "rloo"}.get(adv, "grpo" if cfg[P + "grpo_norm_by_std"] else "batch_mean")
         term = (est, cfg[P + "kl_loss_coef"])
@@ -82,13 +82,6 @@ class SkyRL(Preset):
             pg_clip=(float(cfg[P + "eps_clip_low"]), float(cfg[P + "eps_clip_high"])),
             pg_agg=REDUCTIONS[cfg[P + "loss_reduction"]],
             loss_agg="seq-mean-token-mean",
-        )
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"trainer.train_batch_size={cfg['trainer.train_batch_size']} / trainer.policy_mini_batch_size="
-            f"{cfg['trainer.policy_mini_batch_size']} x trainer.update_epochs_per_batch="
-            f"{cfg['trainer.update_epochs_per_batch']}"
         )
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, clip_range, estimator_of, kl_terms
+from .base import Key, Preset, clip_range, kl_terms
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", "low_var_kl": clamped("k3", output_clamp=10.0, name="k3_outclamp")}
 ESTIMATORS = ("grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -57,7 +57,7 @@ class Slime(Preset):
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["advantage-estimator"]
-        est = estimator_of(KL_TYPES, "kl-loss-type", cfg["kl-loss-type"])
+        est = KL_TYPES[cfg["kl-loss-type"]]
         reward_on = adv != "grpo" and float(cfg["kl-coef"]) != 0
         loss_on = cfg["use-kl-loss"] and float(cfg["kl-loss-coef"]) != 0
         agg = "token-mean" if cfg["calculate-per-token-loss"] else "seq-mean-token-mean"
@@ -83,12 +83,6 @@ class Slime(Preset):
             pg_agg=agg,
             loss_weight="ratio" if cfg["use-unbiased-kl"] else "none",
             loss_agg=agg,
-        )
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"rollout-batch-size={cfg['rollout-batch-size']} x n-samples-per-prompt={cfg['n-samples-per-prompt']} / "
-            f"global-batch-size={cfg['global-batch-size']}"
         )
 
     def no_kl_reason(self, cfg: Mapping[str, object]) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, estimator_of, fixed_kl, kl_terms
+from .base import Key, Preset, fixed_kl, kl_terms
 
 KL_TYPES: dict[str, str] = {
     "kl": "k1",
@@ -119,8 +119,8 @@ class Verl(Preset):
         clip = cfg[A + "clip_ratio"]
         lo = cfg[A + "clip_ratio_low"] if cfg[A + "clip_ratio_low"] is not None else clip
         hi = cfg[A + "clip_ratio_high"] if cfg[A + "clip_ratio_high"] is not None else clip
-        reward = estimator_of(KL_TYPES, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"])
-        loss = estimator_of(KL_TYPES, A + "kl_loss_type", cfg[A + "kl_loss_type"])
+        reward = KL_TYPES[cfg["algorithm.kl_penalty"]]
+        loss = KL_TYPES[cfg[A + "kl_loss_type"]]
         return Recipe(
             name="verl",
             **kl_terms(
