@@ -111,7 +111,6 @@ class UserLoss:
         check_mode(agg)
         self.fn, self.beta, self.agg, self.horizon = fn, float(beta), agg, horizon
         self.name = name or getattr(fn, "__qualname__", repr(fn))
-        self.vectorize = vectorize
         self.mode: str | None = None if vectorize == "auto" else vectorize
         self.mode_note = "" if vectorize == "auto" else f"{vectorize} (requested)"
         self.self_reference = False  # True in ``without_kl``: ref_logp := old_logp

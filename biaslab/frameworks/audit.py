@@ -39,6 +39,10 @@ SCENARIOS = (
     ("variable_length", "on-policy, variable length"),
     ("off_policy", "off-policy"),
 )
+CRITIC_NOTE = (
+    "this configuration trains a critic: the audit took the critic as 0 (its verdict is for the KL credit "
+    "assignment only)"
+)
 
 
 @dataclass(frozen=True)
@@ -246,14 +250,12 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
     for depth in range(1, toy.max_depth + 1):
         found_here: list[Candidate] = []
         for combo in itertools.combinations(options, depth):
-            keys = [k for k, _ in combo]
-            if len(set(keys)) < depth:
+            if len({k for k, _ in combo}) < depth:
                 continue
             changes = dict(combo)
             changes.update(preset.companions(changes, cfg))
             try:
-                cand_cfg = preset.config({**cfg, **changes})
-                recipe = preset.recipe(cand_cfg)
+                recipe = preset.recipe(preset.config({**cfg, **changes}))
             except PresetError:
                 continue
             if not (recipe.has_reward_kl or recipe.has_loss_kl):
@@ -276,12 +278,10 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
 
         if found_here and best is None:
             best = min(found_here, key=lambda c: (critic(c), c.varlen.verdict != "unbiased", c.fixed.variance))
-        all_ok = [c for c in found_here if c.varlen is not None and c.varlen.verdict == "unbiased"]
+        all_ok = [c for c in found_here if c.varlen.verdict == "unbiased"]
         if all_ok and best_all is None:
             best_all = min(all_ok, key=lambda c: (critic(c), c.fixed.variance))
-        if best is not None and best_all is not None:
-            break
-        if evaluated >= toy.max_evals:
+        if (best is not None and best_all is not None) or evaluated >= toy.max_evals:
             break
     notes = [] if evaluated < toy.max_evals else [f"search stopped after {toy.max_evals} evaluations"]
     return SearchResult(best, best_all, evaluated, notes)
@@ -290,10 +290,6 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
 def fmt_value(x: object) -> str:
     """A config value as the framework's YAML/CLI would spell it (true/false/null)."""
     return "true" if x is True else "false" if x is False else "null" if x is None else str(x)
-
-
-def _fmt_changes(changes: Mapping[str, object]) -> str:
-    return " ".join(f"--set {k}={fmt_value(x)}" for k, x in changes.items())
 
 
 def _toy_json(toy: AuditToy, eng: Engines, requested: int) -> dict:
@@ -312,13 +308,14 @@ def _toy_json(toy: AuditToy, eng: Engines, requested: int) -> dict:
 
 
 def _suggestion(preset: Preset, cfg: Mapping[str, object], cand: Candidate) -> dict:
+    critic = preset.needs_critic({**cfg, **cand.changes})
     return {
         "changes": cand.changes,
-        "set": _fmt_changes(cand.changes),
+        "set": " ".join(f"--set {k}={fmt_value(x)}" for k, x in cand.changes.items()),
         "recipe": cand.recipe.describe(),
         "variance": cand.fixed.variance,
         "variable_length_verdict": cand.varlen.verdict if cand.varlen else None,
-        "notes": preset.suggestion_notes(cand.changes, {**cfg, **cand.changes}),
+        "notes": [CRITIC_NOTE] if critic else [],
     }
 
 

@@ -93,7 +93,6 @@ class Preset:
     sources: str = ""  # the source files (and release) the preset follows
     keys: tuple[Key, ...] = ()
     search_keys: tuple[str, ...] = ()  # keys the nearest-unbiased search may change
-    strip_prefixes: tuple[str, ...] = ("--",)
     aliases: Mapping[str, str] = {}  # other spellings of a key -> its name
     group_key: str = ""  # the key holding the responses per prompt B ('' : B = 1)
     kl_switch: Mapping[str, object] = {}  # the keys ``enable_kl`` sets (the framework docs' way to switch KL on)
@@ -112,9 +111,7 @@ class Preset:
         raise PresetError(f"unknown {self.title} key {name!r}; accepted keys: {', '.join(k.name for k in self.keys)}")
 
     def normalize_name(self, name: str) -> str:
-        for p in self.strip_prefixes:
-            if name.startswith(p):
-                name = name[len(p) :]
+        name = name.removeprefix("--")
         return self.aliases.get(name, name)
 
     def defaults(self) -> dict[str, object]:
@@ -192,16 +189,6 @@ class Preset:
         """Keys a suggested change also needs to act (e.g. a normalizer constant)."""
         return {}
 
-    def suggestion_notes(self, changes: Mapping[str, object], cfg: Mapping[str, object]) -> list[str]:
-        """Caveats of a suggested configuration (a critic, a companion key)."""
-        notes = []
-        if self.needs_critic(cfg):
-            notes.append(
-                "this configuration trains a critic: the audit took the critic as 0 (its verdict is for the "
-                "KL credit assignment only)"
-            )
-        return notes
-
     def no_kl_reason(self, cfg: Mapping[str, object]) -> str:
         """Why the configuration has no KL term although it asks for one ('' if it does not ask)."""
         return ""
@@ -274,12 +261,4 @@ def kl_terms(reward: tuple | None = None, loss: tuple | None = None) -> dict[str
     return out
 
 
-__all__ = [
-    "Key",
-    "Preset",
-    "PresetError",
-    "clip_range",
-    "fixed_kl",
-    "kl_terms",
-    "resolve_interpolation",
-]
+__all__ = ["Key", "Preset", "PresetError", "clip_range", "fixed_kl", "kl_terms", "resolve_interpolation"]
