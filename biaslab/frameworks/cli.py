@@ -75,9 +75,7 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def _num(x: object) -> str:
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
+    return f"{x:.4g}" if isinstance(x, float) else str(x)  # nan prints as "nan"
 
 
 def _text(report: dict) -> str:
