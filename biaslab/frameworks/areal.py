@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, clip_range
+from .base import Key, Preset, clip_range, kl_terms
 
 KL = {name: clamped(name, output_clamp=10.0, name=f"{name}_areal") for name in ("k1", "k2", "k3")}
 P = "actor."
@@ -47,8 +47,7 @@ class AReaL(Preset):
         mean_lvl, std_lvl = cfg[P + "adv_norm.mean_level"], cfg[P + "adv_norm.std_level"]
         return Recipe(
             name="areal",
-            reward_estimator=KL[cfg[P + "kl_estimator"]] if coef != 0 else None,
-            reward_coef=coef,
+            **kl_terms(reward=(KL[cfg[P + "kl_estimator"]], coef) if coef != 0 else None),
             reward_credit="rtg",
             reward_lambda=float(cfg[P + "discount"]) * float(cfg[P + "gae_lambda"]),
             baseline="none",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset
+from .base import Key, Preset, kl_terms
 
 
 class Tinker(Preset):
@@ -40,8 +40,7 @@ class Tinker(Preset):
         coef = float(cfg["kl_penalty_coef"])
         return Recipe(
             name="tinker",
-            reward_estimator="k1" if coef != 0 else None,
-            reward_coef=coef,
+            **kl_terms(reward=("k1", coef) if coef != 0 else None),
             reward_credit="rtg",
             reward_lambda=float(cfg["kl_discount_factor"]),
             baseline="batch_mean",

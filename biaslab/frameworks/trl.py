@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, clip_range
+from .base import Key, Preset, PresetError, clip_range, kl_terms
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 
@@ -62,8 +62,7 @@ class TRLGRPO(Preset):
             pg_ratio="sequence_mean" if cfg["importance_sampling_level"] == "sequence" else "token",
             pg_clip=clip_range(cfg, "epsilon", "epsilon_high"),
             pg_agg=agg,
-            loss_estimator="k3" if beta != 0 else None,
-            loss_coef=beta,
+            **kl_terms(loss=("k3", beta) if beta != 0 else None),
             loss_weight="ratio" if cfg["use_bias_correction_kl"] else "none",
             loss_agg=agg,
             horizon=int(cfg["max_completion_length"]) if agg == "constant" else None,
@@ -114,8 +113,7 @@ class TRLPPO(Preset):
         coef = float(cfg["kl_coef"])
         return Recipe(
             name="trl-ppo",
-            reward_estimator=cfg["kl_estimator"] if coef != 0 else None,
-            reward_coef=coef,
+            **kl_terms(reward=(cfg["kl_estimator"], coef) if coef != 0 else None),
             reward_credit="rtg",
             reward_lambda=float(cfg["gamma"]) * float(cfg["lam"]),
             whiten=True,
@@ -164,8 +162,7 @@ class TRLRLOO(Preset):
         beta = float(cfg["beta"])
         return Recipe(
             name="trl-rloo",
-            reward_estimator="k1" if beta != 0 else None,
-            reward_coef=beta,
+            **kl_terms(reward=("k1", beta) if beta != 0 else None),
             reward_credit="full",
             baseline="rloo",
             baseline_on="total",
