@@ -114,12 +114,9 @@ class Preset:
         name = name.removeprefix("--")
         return self.aliases.get(name, name)
 
-    def defaults(self) -> dict[str, object]:
-        return {k.name: k.default for k in self.keys}
-
     def config(self, settings: Mapping[str, object] | None = None) -> dict[str, object]:
         """Defaults overlaid with validated ``settings`` (framework key -> raw value)."""
-        cfg = self.defaults()
+        cfg = {k.name: k.default for k in self.keys}
         for raw_name, raw in (settings or {}).items():
             k = self.key(self.normalize_name(raw_name))
             cfg[k.name] = k.parse(raw)
