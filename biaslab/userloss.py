@@ -89,6 +89,8 @@ class UserLoss:
     """
 
     whiten = False
+    has_reward_kl = True  # unknown where the function puts its KL: both flags keep the engine's KL paths on
+    has_loss_kl = True
 
     def __init__(
         self,
@@ -109,21 +111,12 @@ class UserLoss:
         check_mode(agg)
         self.fn, self.beta, self.agg, self.horizon = fn, float(beta), agg, horizon
         self.name = name or getattr(fn, "__qualname__", repr(fn))
-        self.vectorize = vectorize
         self.mode: str | None = None if vectorize == "auto" else vectorize
         self.mode_note = "" if vectorize == "auto" else f"{vectorize} (requested)"
         self.self_reference = False  # True in ``without_kl``: ref_logp := old_logp
         self.compute_dtype: torch.dtype | None = compute_dtype  # the precision the verdict's tolerance assumes
 
     # ---------------------------------------------------------------- the rule interface
-
-    @property
-    def has_reward_kl(self) -> bool:
-        return True  # unknown where the function puts its KL; both flags keep the engine's KL paths on
-
-    @property
-    def has_loss_kl(self) -> bool:
-        return True
 
     def without_kl(self) -> UserLoss:
         """The same function with the behaviour policy as its own reference (KL values 0; module docstring)."""
@@ -137,9 +130,7 @@ class UserLoss:
     def describe(self) -> str:
         return f"user loss {self.name} (beta {self.beta:g}, aggregation {self.agg})"
 
-    @property
-    def label(self) -> str:
-        return self.describe()
+    label = property(describe)
 
     # ---------------------------------------------------------------- evaluation
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset
+from .base import Key, Preset, clip_range, kl_terms
 
 KL = {name: clamped(name, output_clamp=10.0, name=f"{name}_areal") for name in ("k1", "k2", "k3")}
 P = "actor."
@@ -45,17 +45,15 @@ class AReaL(Preset):
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         coef = float(cfg[P + "kl_ctl"])
         mean_lvl, std_lvl = cfg[P + "adv_norm.mean_level"], cfg[P + "adv_norm.std_level"]
-        eps = float(cfg[P + "eps_clip"])
         return Recipe(
             name="areal",
-            reward_estimator=KL[cfg[P + "kl_estimator"]] if coef != 0 else None,
-            reward_coef=coef,
+            **kl_terms(reward=(KL[cfg[P + "kl_estimator"]], coef) if coef != 0 else None),
             reward_credit="rtg",
             reward_lambda=float(cfg[P + "discount"]) * float(cfg[P + "gae_lambda"]),
             baseline="none",
             whiten=mean_lvl != "none" or std_lvl != "none",
             whiten_std=std_lvl != "none",
-            pg_clip=(eps, eps),
+            pg_clip=clip_range(cfg, P + "eps_clip"),
             pg_agg="token-mean",
         )
 

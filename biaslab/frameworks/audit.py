@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..exact import ExactEngine, ExactResult, enumerate_complete
+from ..exact import ExactEngine, ExactResult, config_dtype, enumerate_complete
 from ..recipes import Recipe
 from ..toy import TabularAR
+from ..userloss import DTYPES, UserLoss, UserLossError, precision_report
+from ..verdict import exact_verdict
 from . import get_preset
 from .base import Preset, PresetError
 
@@ -36,6 +38,10 @@ SCENARIOS = (
     ("on_policy", "on-policy, fixed length"),
     ("variable_length", "on-policy, variable length"),
     ("off_policy", "off-policy"),
+)
+CRITIC_NOTE = (
+    "this configuration trains a critic: the audit took the critic as 0 (its verdict is for the KL credit "
+    "assignment only)"
 )
 
 
@@ -110,10 +116,14 @@ def task_rewards(n: int, seed: int) -> torch.Tensor:
     return (torch.rand(n, generator=g, dtype=torch.float64) < 0.5).to(torch.float64)
 
 
+def _one_of(name: str, value: object, allowed, error: type[ValueError] = PresetError) -> None:
+    if value not in allowed:
+        raise error(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 def build_engines(toy: AuditToy, group: int, rewards: str = "zero") -> Engines:
     """Engines for the three scenarios; ``rewards="binary"`` gives every response a seeded 0/1 task reward."""
-    if rewards not in REWARDS:
-        raise PresetError(f"unknown rewards {rewards!r}; choose one of: {', '.join(REWARDS)}")
+    _one_of("rewards", rewards, REWARDS)
     policy, ref, behaviour = toy.models()
     g = max(1, min(group, toy.max_group))
 
@@ -145,18 +155,14 @@ def evaluate_scenarios(
     if lag > 1:
         jobs.append(("off_policy", eng.offpolicy))
     out: dict = {}
-    bar = _progress(len(jobs), progress)
-    try:
+    with _progress(len(jobs), progress) as bar:
         for key, engine in jobs:
             try:
                 res = engine.evaluate(rule) if whole_beta is None else evaluate_whole_update(rule, engine, whole_beta)
-                out[key] = _row(res)
             except ValueError as exc:  # name the scenario (UserLossError is a ValueError)
-                label = dict(SCENARIOS)[key]
-                raise type(exc)(f"{label}: {exc}") from exc
+                raise type(exc)(f"{dict(SCENARIOS)[key]}: {exc}") from exc
+            out[key] = _row(res)
             bar.update(1)
-    finally:
-        bar.close()
     if lag > 1:
         out["off_policy"]["behaviour"] = f"mu = pi + {toy.behaviour_shift} noise"
     else:
@@ -182,9 +188,6 @@ def evaluate_whole_update(rule, engine, beta: float):
     """Exact verdict of the whole update against the regularised objective: E[g] = nominal * d with
     d = grad KL(pi || pi_ref) - grad E_pi[R] / beta (the core verdict rule ``biaslab.verdict.exact_verdict`` with the
     named directions shifted the same way: "reverse_kl" is then grad(beta KL - E[R]) / beta, etc.)."""
-    from ..exact import config_dtype
-    from ..verdict import exact_verdict
-
     truths = engine.truths()
     task = engine.task_grad() / beta  # (P,)
     mean, second, wstd = engine.moments(_WholeUpdate(rule))
@@ -247,14 +250,12 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
     for depth in range(1, toy.max_depth + 1):
         found_here: list[Candidate] = []
         for combo in itertools.combinations(options, depth):
-            keys = [k for k, _ in combo]
-            if len(set(keys)) < depth:
+            if len({k for k, _ in combo}) < depth:
                 continue
             changes = dict(combo)
             changes.update(preset.companions(changes, cfg))
             try:
-                cand_cfg = preset.config({**cfg, **changes})
-                recipe = preset.recipe(cand_cfg)
+                recipe = preset.recipe(preset.config({**cfg, **changes}))
             except PresetError:
                 continue
             if not (recipe.has_reward_kl or recipe.has_loss_kl):
@@ -277,12 +278,10 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
 
         if found_here and best is None:
             best = min(found_here, key=lambda c: (critic(c), c.varlen.verdict != "unbiased", c.fixed.variance))
-        all_ok = [c for c in found_here if c.varlen is not None and c.varlen.verdict == "unbiased"]
+        all_ok = [c for c in found_here if c.varlen.verdict == "unbiased"]
         if all_ok and best_all is None:
             best_all = min(all_ok, key=lambda c: (critic(c), c.fixed.variance))
-        if best is not None and best_all is not None:
-            break
-        if evaluated >= toy.max_evals:
+        if (best is not None and best_all is not None) or evaluated >= toy.max_evals:
             break
     notes = [] if evaluated < toy.max_evals else [f"search stopped after {toy.max_evals} evaluations"]
     return SearchResult(best, best_all, evaluated, notes)
@@ -291,10 +290,6 @@ def nearest_unbiased(preset: Preset, cfg: Mapping[str, object], toy: AuditToy, g
 def fmt_value(x: object) -> str:
     """A config value as the framework's YAML/CLI would spell it (true/false/null)."""
     return "true" if x is True else "false" if x is False else "null" if x is None else str(x)
-
-
-def _fmt_changes(changes: Mapping[str, object]) -> str:
-    return " ".join(f"--set {k}={fmt_value(x)}" for k, x in changes.items())
 
 
 def _toy_json(toy: AuditToy, eng: Engines, requested: int) -> dict:
@@ -313,13 +308,14 @@ def _toy_json(toy: AuditToy, eng: Engines, requested: int) -> dict:
 
 
 def _suggestion(preset: Preset, cfg: Mapping[str, object], cand: Candidate) -> dict:
+    critic = preset.needs_critic({**cfg, **cand.changes})
     return {
         "changes": cand.changes,
-        "set": _fmt_changes(cand.changes),
+        "set": " ".join(f"--set {k}={fmt_value(x)}" for k, x in cand.changes.items()),
         "recipe": cand.recipe.describe(),
         "variance": cand.fixed.variance,
         "variable_length_verdict": cand.varlen.verdict if cand.varlen else None,
-        "notes": preset.suggestion_notes(cand.changes, {**cfg, **cand.changes}),
+        "notes": [CRITIC_NOTE] if critic else [],
     }
 
 
@@ -339,6 +335,8 @@ def audit(
     ``lenient=True`` (a whole config file): keys the preset does not read are listed under ``ignored`` instead
     of refused; values it cannot model are still refused.
     """
+    if dtype is not None:
+        _one_of("dtype", dtype, DTYPES)
     toy = toy or AuditToy()
     preset = get_preset(framework)
     cfg, read, ignored = preset.read_config(settings, lenient=lenient)
@@ -378,10 +376,6 @@ def audit(
     rows = evaluate_scenarios(recipe, eng, toy, lag, progress)
     out.update(rows)
     if dtype is not None:
-        from ..userloss import DTYPES, precision_report
-
-        if dtype not in DTYPES:
-            raise PresetError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         out["precision"] = precision_report(recipe, dtype, group_size=eng.group)
     if lag > 1:
         out["notes"].append(
@@ -390,17 +384,16 @@ def audit(
         )
     out["nearest_unbiased"] = None
     out["nearest_unbiased_all_lengths"] = None
-    if search:
-        if rows["verdict"] == "unbiased":
-            out["nearest_unbiased"] = {"changes": {}, "set": "", "variance": rows["on_policy"]["variance"]}
-        sr = nearest_unbiased(preset, cfg, toy, requested) if rows["verdict"] != "unbiased" else None
-        if sr is not None:
-            out["search_evaluations"] = sr.evaluated
-            out["notes"].extend(sr.notes)
-            if sr.nearest is not None:
-                out["nearest_unbiased"] = _suggestion(preset, cfg, sr.nearest)
-            if sr.nearest_all_lengths is not None:
-                out["nearest_unbiased_all_lengths"] = _suggestion(preset, cfg, sr.nearest_all_lengths)
+    if search and rows["verdict"] == "unbiased":
+        out["nearest_unbiased"] = {"changes": {}, "set": "", "variance": rows["on_policy"]["variance"]}
+    elif search:
+        sr = nearest_unbiased(preset, cfg, toy, requested)
+        out["search_evaluations"] = sr.evaluated
+        out["notes"].extend(sr.notes)
+        if sr.nearest is not None:
+            out["nearest_unbiased"] = _suggestion(preset, cfg, sr.nearest)
+        if sr.nearest_all_lengths is not None:
+            out["nearest_unbiased_all_lengths"] = _suggestion(preset, cfg, sr.nearest_all_lengths)
     return out
 
 
@@ -411,17 +404,13 @@ def audit_defaults(toy: AuditToy | None = None, progress: bool | None = False) -
     toy = toy or AuditToy()
     cache: dict[int, Engines] = {}
     rows = AuditTable()
-    bar = _progress(len(PRESETS), progress, unit="framework")
-    try:
+    with _progress(len(PRESETS), progress, unit="framework") as bar:
         for name, preset in PRESETS.items():
-            cfg = preset.config({})
-            g = max(1, min(preset.group_size(cfg), toy.max_group))
+            g = max(1, min(preset.group_size(preset.config({})), toy.max_group))
             if g not in cache:
                 cache[g] = build_engines(toy, g)
             rows.append(audit(name, {}, toy, enable_kl=True, search=False, engines=cache[g]))
             bar.update(1)
-    finally:
-        bar.close()
     return rows
 
 
@@ -443,20 +432,15 @@ def audit_loss(
     Same scenarios, rows and JSON layout as a preset audit; the top-level ``verdict`` is the on-policy
     fixed-length one. ``dtype`` adds a ``precision`` report (value and gradient error against float64).
     """
-    from ..userloss import DTYPES, UserLoss, UserLossError, precision_report
-
     toy = toy or AuditToy()
     if not (isinstance(group_size, int) and group_size >= 1):
         raise UserLossError(f"group_size must be a positive integer, got {group_size!r}")
-    cdt = None
     if compute_dtype is not None:
-        if compute_dtype not in DTYPES and compute_dtype != "float64":
-            raise UserLossError(f"compute_dtype must be one of float64, {', '.join(DTYPES)}; got {compute_dtype!r}")
-        cdt = DTYPES.get(compute_dtype, torch.float64)
-    if dtype is not None and dtype not in DTYPES:
-        raise UserLossError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if rewards not in REWARDS:
-        raise UserLossError(f"rewards must be one of {', '.join(REWARDS)}; got {rewards!r}")
+        _one_of("compute_dtype", compute_dtype, ("float64", *DTYPES), UserLossError)
+    if dtype is not None:
+        _one_of("dtype", dtype, DTYPES, UserLossError)
+    _one_of("rewards", rewards, REWARDS, UserLossError)
+    cdt = None if compute_dtype is None else DTYPES.get(compute_dtype, torch.float64)
     rule = UserLoss(fn, beta=beta, agg=agg, name=name, vectorize=vectorize, compute_dtype=cdt)
     if group_size > toy.max_group:
         raise UserLossError(
@@ -507,7 +491,8 @@ def audit_loss(
     return out
 
 
-COLUMNS = ("framework", "scenario", "verdict", "direction", "rel_bias", "scale", "variance", "nearest_cos", "recipe")
+NUMBERS = ("rel_bias", "scale", "variance", "nearest_cos")
+COLUMNS = ("framework", "scenario", "verdict", "direction", *NUMBERS, "recipe")
 
 
 def records(report: dict | list[dict]) -> list[dict]:
@@ -519,16 +504,14 @@ def records(report: dict | list[dict]) -> list[dict]:
             row = r.get(key)
             if not row:
                 continue
+            numbers = {c: row.get(c, float("nan")) for c in NUMBERS}
             records.append(
                 {
                     "framework": r["framework"],
                     "scenario": label,
                     "verdict": row.get("verdict"),
                     "direction": row.get("direction", "-"),
-                    "rel_bias": row.get("rel_bias", float("nan")),
-                    "scale": row.get("scale", float("nan")),
-                    "variance": row.get("variance", float("nan")),
-                    "nearest_cos": row.get("nearest_cos", float("nan")),
+                    **numbers,
                     "recipe": r["recipe"],
                 }
             )
@@ -542,9 +525,9 @@ def rows_frame(report: dict | list[dict]):
     except ImportError:  # pragma: no cover
         raise ImportError("rows_frame / to_frame need pandas (pip install pandas)") from None
     df = pd.DataFrame.from_records(records(report), columns=list(COLUMNS))
-    for col in ("rel_bias", "scale", "variance", "nearest_cos"):
+    for col in NUMBERS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in ("framework", "scenario", "verdict", "direction", "recipe"):
+    for col in set(COLUMNS) - set(NUMBERS):
         df[col] = df[col].astype("string")
     return df
 

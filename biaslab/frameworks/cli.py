@@ -21,8 +21,9 @@ from pathlib import Path
 from ..aggregation import AGG_MODES
 from ..io import to_json
 from ..recipes import RecipeError
-from ..userloss import UserLossError
-from .audit import COLUMNS, fmt_value, records
+from ..userloss import DTYPES, UserLossError, load_loss
+from . import PRESETS, get_preset
+from .audit import COLUMNS, REWARDS, SCENARIOS, AuditToy, audit, audit_defaults, audit_loss, fmt_value, records
 from .base import PresetError
 
 
@@ -32,11 +33,7 @@ def _flatten(obj: object, prefix: str = "") -> dict[str, object]:
         return {prefix: obj}
     out: dict[str, object] = {}
     for k, v in obj.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -78,9 +75,7 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 def _num(x: object) -> str:
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
+    return f"{x:.4g}" if isinstance(x, float) else str(x)  # nan prints as "nan"
 
 
 def _text(report: dict) -> str:
@@ -116,11 +111,7 @@ def _text(report: dict) -> str:
             if off.get("updates_per_rollout", 2) <= 1
             else (f"off-policy (mu = pi + {t['behaviour_shift']} noise)")
         )
-        for label, key in (
-            ("on-policy, fixed length", "on_policy"),
-            ("on-policy, variable length", "variable_length"),
-            (off_label, "off_policy"),
-        ):
+        for key, label in (*SCENARIOS[:2], ("off_policy", off_label)):
             r = report[key]
             lines.append(
                 f"{label:34s}{r['verdict']:10s}{r['direction']:38s} {_num(r['rel_bias']):>10s}"
@@ -201,18 +192,11 @@ def _defaults_text(rows: list[dict]) -> str:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import AuditToy, audit, audit_defaults, audit_loss
+    from ..cli import DEFAULT_ALPHA
 
     toy = AuditToy(seed=args.seed)
     progress = bool(getattr(args, "progress", False))  # main resolves the default (stderr is a terminal)
-    from ..cli import DEFAULT_ALPHA
-
     alpha = getattr(args, "alpha", DEFAULT_ALPHA)
-    alpha_note = (
-        f"--alpha {alpha} is not applicable: the audit's verdicts are exact (no statistical test)"
-        if alpha != DEFAULT_ALPHA
-        else None
-    )
     loss_only = [
         f"--{n.replace('_', '-')}"
         for n in ("beta", "group_size", "rewards", "agg", "compute_dtype")
@@ -221,11 +205,8 @@ def _audit(args: argparse.Namespace) -> int:
     if args.loss:
         if args.framework or args.set or args.config or args.defaults:
             raise PresetError("--loss takes no --framework, --set, --config or --defaults")
-        from ..userloss import load_loss
-
-        fn = load_loss(args.loss)
         report = audit_loss(
-            fn,
+            load_loss(args.loss),
             beta=1.0 if args.beta is None else args.beta,
             group_size=2 if args.group_size is None else args.group_size,
             rewards=args.rewards or "zero",
@@ -236,13 +217,9 @@ def _audit(args: argparse.Namespace) -> int:
             progress=progress,
             compute_dtype=args.compute_dtype,
         )
-        if alpha_note:
-            report["notes"].append(alpha_note)
-        _emit(report, args.format, _text)
-        return 0 if report["verdict"] == "unbiased" else 1
-    if loss_only:
+    elif loss_only:
         raise PresetError(f"{', '.join(loss_only)} go with --loss FILE:FUNC")
-    if args.defaults:
+    elif args.defaults:
         if args.framework or args.set or args.config:
             raise PresetError("--defaults takes no --framework, --set or --config")
         if args.dtype:
@@ -250,27 +227,28 @@ def _audit(args: argparse.Namespace) -> int:
         rows = audit_defaults(toy, progress=progress)
         _emit(rows, args.format, _defaults_text)
         return 0 if all(r["verdict"] == "unbiased" for r in rows) else 1
-    if not args.framework:
+    elif not args.framework:
         raise PresetError("give --framework NAME, --loss FILE:FUNC or --defaults")
-    from . import get_preset
-
-    preset = get_preset(args.framework)
-    file_settings: dict[str, object] = load_config_file(args.config) if args.config else {}
-    sets = parse_sets(args.set or [])
-    for k in sets:  # --set keys are strict: a typo is an error, not an ignored key
-        preset.key(preset.normalize_name(k))
-    report = audit(
-        args.framework,
-        {**file_settings, **sets},
-        toy,
-        enable_kl=args.enable_kl,
-        search=not args.no_search,
-        lenient=bool(args.config),
-        progress=progress,
-        dtype=args.dtype,
-    )
-    if alpha_note:
-        report["notes"].append(alpha_note)
+    else:
+        preset = get_preset(args.framework)
+        file_settings: dict[str, object] = load_config_file(args.config) if args.config else {}
+        sets = parse_sets(args.set or [])
+        for k in sets:  # --set keys are strict: a typo is an error, not an ignored key
+            preset.key(preset.normalize_name(k))
+        report = audit(
+            args.framework,
+            {**file_settings, **sets},
+            toy,
+            enable_kl=args.enable_kl,
+            search=not args.no_search,
+            lenient=bool(args.config),
+            progress=progress,
+            dtype=args.dtype,
+        )
+    if alpha != DEFAULT_ALPHA:
+        report["notes"].append(
+            f"--alpha {alpha} is not applicable: the audit's verdicts are exact (no statistical test)"
+        )
     _emit(report, args.format, _text)
     return 0 if report["verdict"] == "unbiased" else 1
 
@@ -286,7 +264,6 @@ def _run(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``biaslab audit``."""
     from ..cli import add_common_flags
-    from . import PRESETS
 
     p = subparsers.add_parser(
         "audit",
@@ -307,7 +284,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--loss", metavar="FILE:FUNC", help="FUNC(batch) -> scalar loss of one group (biaslab.userloss)")
     g.add_argument("--beta", type=float, default=None, help="the KL coefficient inside the function (default 1)")
     g.add_argument("--group-size", type=int, default=None, help="responses per group B (default 2, at most 3)")
-    g.add_argument("--rewards", choices=["zero", "binary"], default=None, help="task rewards (default zero)")
+    g.add_argument("--rewards", choices=REWARDS, default=None, help="task rewards (default zero)")
     g.add_argument(
         "--agg",
         default=None,
@@ -316,7 +293,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         default=None,
         help="also evaluate the loss (or the preset's recipe) in this dtype: value and gradient error vs float64",
     )

@@ -10,11 +10,10 @@ worker.actor.global_batch_size 128).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, clip_range, fixed_kl, kl_terms
 from .verl import KL_TYPES
 
 KL = {k: v for k, v in KL_TYPES.items() if not k.endswith("+")}
@@ -41,7 +40,7 @@ class EasyR1(Preset):
         Key("algorithm.use_kl_loss", True, "bool"),
         Key("algorithm.kl_penalty", "low_var_kl", "choice", tuple(KL)),
         Key("algorithm.kl_coef", 1e-2, "float"),
-        Key("algorithm.kl_type", "fixed", "choice", ("fixed",), why="adaptive KL control changes beta between steps"),
+        fixed_kl("algorithm.kl_type"),
         Key("worker.actor.loss_avg_mode", "token", "choice", tuple(AVG)),
         Key("worker.actor.clip_ratio_low", 0.2, "float"),
         Key("worker.actor.clip_ratio_high", 0.3, "float"),
@@ -57,45 +56,32 @@ class EasyR1(Preset):
         "worker.actor.loss_avg_mode",
     )
     group_key = "worker.rollout.n"
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        if cfg["worker.actor.global_batch_size"] < 1 or cfg["data.rollout_batch_size"] < 1:
-            raise PresetError("batch sizes must be >= 1")
+    lag_keys = ("worker.actor.ppo_epochs",)
+    rollout_keys = ("data.rollout_batch_size",)
+    minibatch_key = "worker.actor.global_batch_size"
+    positive_keys = ("worker.actor.global_batch_size", "data.rollout_batch_size")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["algorithm.adv_estimator"]
         on = not cfg["algorithm.disable_kl"] and float(cfg["algorithm.kl_coef"]) != 0
-        use_l = on and bool(cfg["algorithm.use_kl_loss"])
-        use_r = on and not cfg["algorithm.use_kl_loss"]
-        est = estimator_of(KL, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"])
+        term = (KL[cfg["algorithm.kl_penalty"]], cfg["algorithm.kl_coef"])
         agg = AVG[cfg["worker.actor.loss_avg_mode"]]
-        coef = float(cfg["algorithm.kl_coef"])
         return Recipe(
             name="easyr1",
-            reward_estimator=est if use_r else None,
-            reward_coef=coef if use_r else 0.0,
+            **kl_terms(
+                reward=term if on and not cfg["algorithm.use_kl_loss"] else None,
+                loss=term if on and cfg["algorithm.use_kl_loss"] else None,
+            ),
             reward_credit="rtg" if adv == "reinforce_plus_plus" else "full",
             baseline={"grpo": "grpo", "rloo": "rloo"}.get(adv, "none"),
             baseline_on="total",
             whiten=adv == "reinforce_plus_plus",
-            pg_clip=(float(cfg["worker.actor.clip_ratio_low"]), float(cfg["worker.actor.clip_ratio_high"])),
+            pg_clip=clip_range(cfg, "worker.actor.clip_ratio_low", "worker.actor.clip_ratio_high"),
             log_ratio_clamp=20.0,
             pg_agg=agg,
-            loss_estimator=est if use_l else None,
-            loss_coef=coef if use_l else 0.0,
             loss_agg=agg,
         )
 
     def enable_kl(self, cfg: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
         changed = {"algorithm.disable_kl": False} if cfg["algorithm.disable_kl"] else {}
         return {**cfg, **changed}, changed
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        mini = math.ceil(cfg["data.rollout_batch_size"] / cfg["worker.actor.global_batch_size"])
-        return max(1, mini) * int(cfg["worker.actor.ppo_epochs"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"data.rollout_batch_size={cfg['data.rollout_batch_size']} / worker.actor.global_batch_size="
-            f"{cfg['worker.actor.global_batch_size']} x worker.actor.ppo_epochs={cfg['worker.actor.ppo_epochs']}"
-        )

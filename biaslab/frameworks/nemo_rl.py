@@ -15,12 +15,11 @@ policy.train_global_batch_size optimizer steps per rollout).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, kl_terms
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3"}
 L = "loss_fn."
@@ -74,14 +73,13 @@ class NemoRL(Preset):
         G + "normalize_rewards",
     )
     group_key = "grpo.num_generations_per_prompt"
+    rollout_keys = ("grpo.num_prompts_per_step", group_key)
+    minibatch_key = "policy.train_global_batch_size"
     positive_keys = ("grpo.num_prompts_per_step", "policy.train_global_batch_size", "grpo.num_generations_per_prompt")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        if cfg[L + "ratio_clip_c"] is not None and not cfg[L + "ratio_clip_c"] > 1:
-            raise PresetError(f"{L}ratio_clip_c (dual clip) must be > 1, got {cfg[L + 'ratio_clip_c']}")
+    dual_clip_keys = (L + "ratio_clip_c",)
 
     def estimator(self, cfg: Mapping[str, object]):
-        base = estimator_of(KL_TYPES, L + "reference_policy_kl_type", cfg[L + "reference_policy_kl_type"])
+        base = KL_TYPES[cfg[L + "reference_policy_kl_type"]]
         lo, hi = cfg[L + "kl_input_clamp_value"], cfg[L + "kl_output_clamp_value"]
         if lo is None and hi is None:
             return base
@@ -98,39 +96,25 @@ class NemoRL(Preset):
             baseline = "rloo"
         else:
             baseline = "grpo" if cfg[G + "normalize_rewards"] else "batch_mean"
-        est = self.estimator(cfg)
-        on = coef != 0
+        term = (self.estimator(cfg), coef)
         # use_kl_in_reward zeroes the loss's KL coefficient (loss_functions.py); only the Reinforce++ estimator
         # reads log-probs and subtracts beta * k_t per token (its own token only), then whitens
-        reward_on = on and in_reward and rpp
         return Recipe(
             name="nemo-rl",
-            reward_estimator=est if reward_on else None,
-            reward_coef=coef if reward_on else 0.0,
+            **kl_terms(
+                reward=term if coef != 0 and in_reward and rpp else None,
+                loss=term if coef != 0 and not in_reward else None,
+            ),
             reward_credit="rtg",
             reward_lambda=0.0,
             baseline=baseline,
             baseline_on="task",
             whiten=rpp,
-            pg_ratio="token",
             pg_clip=(float(cfg[L + "ratio_clip_min"]), float(cfg[L + "ratio_clip_max"])),
             pg_dual_clip=cfg[L + "ratio_clip_c"],
             pg_agg=agg,
-            loss_estimator=est if on and not in_reward else None,
-            loss_coef=coef if on and not in_reward else 0.0,
             loss_weight="ratio" if cfg[L + "use_on_policy_kl_approximation"] else "score",
             loss_agg=agg,
-        )
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        samples = cfg["grpo.num_prompts_per_step"] * cfg["grpo.num_generations_per_prompt"]
-        return max(1, math.ceil(samples / cfg["policy.train_global_batch_size"]))
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"grpo.num_prompts_per_step={cfg['grpo.num_prompts_per_step']} x num_generations_per_prompt="
-            f"{cfg['grpo.num_generations_per_prompt']} / policy.train_global_batch_size="
-            f"{cfg['policy.train_global_batch_size']}"
         )
 
     def no_kl_reason(self, cfg: Mapping[str, object]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset
+from .base import Key, Preset, clip_range, kl_terms
 
 K3_OAT = clamped("k3", input_clamp=40.0, name="k3_oat")
 
@@ -37,17 +37,13 @@ class Oat(Preset):
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta, kp = float(cfg["beta"]), float(cfg["kl_penalty_coef"])
-        eps = float(cfg["cliprange"])
         return Recipe(
             name="oat",
-            reward_estimator="k1" if kp != 0 else None,
-            reward_coef=kp,
+            **kl_terms(reward=("k1", kp) if kp != 0 else None, loss=(K3_OAT, beta) if beta != 0 else None),
             reward_credit="rtg",
             baseline="grpo" if cfg["critic_type"] == "grpo" else "batch_mean",
             baseline_on="task",
-            pg_clip=(eps, eps),
+            pg_clip=clip_range(cfg, "cliprange"),
             pg_agg="seq-mean-token-mean" if cfg["critic_type"] == "grpo" else "constant",
-            loss_estimator=K3_OAT if beta != 0 else None,
-            loss_coef=beta,
             loss_agg="seq-mean-token-mean",
         )

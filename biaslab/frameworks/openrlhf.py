@@ -13,12 +13,11 @@ max_epochs), openrlhf/cli/train_ppo_ray.py (defaults).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..estimators import straight_through
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, PresetError, clip_range, fixed_kl, kl_terms
 
 KL_VALUES = {"k1": "k1_clamped", "k2": "k2_clamped", "k3": "k3_lowclamp"}
 ESTIMATORS = ("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce")
@@ -43,7 +42,7 @@ class OpenRLHF(Preset):
         "OpenRLHF 0.11.2: openrlhf/models/utils.py, models/loss.py, trainer/ray/ppo_actor.py, cli/train_ppo_ray.py"
     )
     keys = (
-        Key("algo.advantage.estimator", "gae", "choice", ESTIMATORS, help="gae: critic taken as 0"),
+        Key("algo.advantage.estimator", "gae", "choice", ESTIMATORS),
         Key("algo.advantage.no_std_norm", False, "bool"),
         Key("algo.advantage.gamma", 1.0, "float"),
         Key("algo.advantage.lambd", 1.0, "float"),
@@ -51,15 +50,7 @@ class OpenRLHF(Preset):
         Key("algo.kl.init_coef", 0.01, "float"),
         Key("algo.kl.use_loss", False, "bool"),
         Key("algo.kl.unbiased_gradient", False, "bool"),
-        Key(
-            "algo.kl.target",
-            None,
-            "float",
-            (None,),
-            nullable=True,
-            why="a target switches on the adaptive KL controller, which changes beta between steps; audit one step "
-            "with algo.kl.target unset at that beta",
-        ),
+        fixed_kl("algo.kl.target", None),
         Key("actor.eps_clip", 0.2, "float"),
         Key("actor.dual_clip", None, "float", nullable=True),
         Key("actor.loss_agg_mode", "token-mean", "choice", ("token-mean", "seq-mean-token-mean")),
@@ -77,27 +68,29 @@ class OpenRLHF(Preset):
         "actor.loss_agg_mode",
     )
     group_key = "rollout.n_samples_per_prompt"
+    # steps = rollout.batch_size * n_samples_per_prompt / train.batch_size * max_epochs (ppo_trainer.py)
+    lag_keys = ("train.max_epochs",)
+    rollout_keys = ("rollout.batch_size", group_key)
+    minibatch_key = "train.batch_size"
     unit_keys = ("algo.advantage.gamma", "algo.advantage.lambd")
     positive_keys = ("rollout.batch_size", "train.batch_size", "train.max_epochs")
+    dual_clip_keys = ("actor.dual_clip",)
+    critic_when = ("algo.advantage.estimator", "gae")
 
     def validate(self, cfg: dict[str, object]) -> None:
-        if cfg["actor.dual_clip"] is not None and cfg["actor.dual_clip"] <= 1.0:
-            raise PresetError(f"actor.dual_clip must be > 1 (OpenRLHF asserts it), got {cfg['actor.dual_clip']}")
         adv = cfg["algo.advantage.estimator"]
         if adv in ("rloo", "reinforce_baseline", "group_norm", "dr_grpo") and cfg["rollout.n_samples_per_prompt"] < 2:
             raise PresetError(f"algo.advantage.estimator={adv} requires rollout.n_samples_per_prompt > 1 (as OpenRLHF)")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
-        est = estimator_of(KL_VALUES, "algo.kl.estimator", cfg["algo.kl.estimator"])
+        est = KL_VALUES[cfg["algo.kl.estimator"]]
         adv = cfg["algo.advantage.estimator"]
         use_loss, coef = cfg["algo.kl.use_loss"], max(float(cfg["algo.kl.init_coef"]), 0.0)
         unbiased = use_loss and cfg["algo.kl.unbiased_gradient"]
         loss_est = straight_through(est, "k2", name=f"{est}_st_k2") if unbiased else est
-        eps = float(cfg["actor.eps_clip"])
         return Recipe(
             name="openrlhf",
-            reward_estimator=None if use_loss else est,
-            reward_coef=0.0 if use_loss else coef,
+            **kl_terms(reward=None if use_loss else (est, coef), loss=(loss_est, coef) if use_loss else None),
             reward_credit="rtg",
             # compute_reward puts the KL on every token; GAE (critic 0) / REINFORCE returns discount by
             # gamma * lambd (gae) or gamma (the others), see experience_maker.get_cumulative_returns
@@ -107,13 +100,10 @@ class OpenRLHF(Preset):
             grpo_eps=1e-9,
             whiten=adv in ("gae", "reinforce", "reinforce_baseline"),
             whiten_std=not cfg["algo.advantage.no_std_norm"],
-            pg_ratio="token",
-            pg_clip=(eps, eps),
+            pg_clip=clip_range(cfg, "actor.eps_clip"),
             pg_dual_clip=cfg["actor.dual_clip"],
             log_ratio_clamp=20.0,
             pg_agg=cfg["actor.loss_agg_mode"],
-            loss_estimator=loss_est if use_loss else None,
-            loss_coef=coef if use_loss else 0.0,
             loss_weight="ratio_detached_grad" if unbiased else "none",
             loss_weight_clamp=KL_IS_WEIGHT_CLIP if unbiased else None,
             loss_agg="token-mean",  # ppo_actor.py: aggregate_loss(kl, mask, **loss_batch_info), token_level_loss unset
@@ -127,20 +117,6 @@ class OpenRLHF(Preset):
         if adv == "gae":
             return float(cfg["algo.advantage.gamma"]) * float(cfg["algo.advantage.lambd"])
         return float(cfg["algo.advantage.gamma"]) if adv == "reinforce" else 1.0
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        samples = cfg["rollout.batch_size"] * cfg["rollout.n_samples_per_prompt"]
-        return max(1, math.ceil(samples / cfg["train.batch_size"])) * int(cfg["train.max_epochs"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"rollout.batch_size={cfg['rollout.batch_size']} x n_samples_per_prompt="
-            f"{cfg['rollout.n_samples_per_prompt']} / train.batch_size={cfg['train.batch_size']} x "
-            f"train.max_epochs={cfg['train.max_epochs']}"
-        )
-
-    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
-        return cfg["algo.advantage.estimator"] == "gae"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = []

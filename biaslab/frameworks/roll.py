@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, estimator_of
+from .base import Key, Preset, clip_range, fixed_kl, kl_terms
 
 KL_PENALTY = {"kl": "k1", "abs": "abs", "mse": "k2"}
 K3_LOSS = clamped("k3", output_clamp=10.0, name="k3_roll")
@@ -33,7 +33,6 @@ class Roll(Preset):
             "gae",
             "choice",
             ("gae", "reinforce", "grpo"),
-            help="gae: critic taken as 0",
             why="gigpo / step_reinforce / agentic_reinforce are not modelled",
         ),
         Key("use_kl_loss", False, "bool"),
@@ -41,14 +40,7 @@ class Roll(Preset):
         Key("add_token_level_kl", False, "bool"),
         Key("init_kl_coef", 0.2, "float"),
         Key("kl_penalty", "kl", "choice", tuple(KL_PENALTY), why="'full' needs the full next-token distributions"),
-        Key(
-            "target_kl",
-            None,
-            "float",
-            (None,),
-            nullable=True,
-            why="a target switches on adaptive KL control (beta changes between steps)",
-        ),
+        fixed_kl("target_kl", None),
         Key("loss_agg_mode", "seq-mean-token-mean", "choice", AGG),
         Key("whiten_advantages", False, "bool"),
         Key("gamma", 1.0, "float"),
@@ -63,31 +55,29 @@ class Roll(Preset):
     kl_switch = {"use_kl_loss": True, "kl_loss_coef": 0.001}
     lag_keys = ("ppo_epochs",)
     unit_keys = ("gamma", "lambd")
+    critic_when = ("adv_estimator", "gae")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["adv_estimator"]
         use_r = bool(cfg["add_token_level_kl"]) and float(cfg["init_kl_coef"]) != 0
         use_l = bool(cfg["use_kl_loss"]) and float(cfg["kl_loss_coef"]) != 0
         discount = float(cfg["gamma"]) * (float(cfg["lambd"]) if adv == "gae" else 1.0)
-        eps = float(cfg["pg_clip"])
+        reward = KL_PENALTY[cfg["kl_penalty"]]
         return Recipe(
             name="roll",
-            reward_estimator=estimator_of(KL_PENALTY, "kl_penalty", cfg["kl_penalty"]) if use_r else None,
-            reward_coef=float(cfg["init_kl_coef"]) if use_r else 0.0,
+            **kl_terms(
+                reward=(reward, cfg["init_kl_coef"]) if use_r else None,
+                loss=(K3_LOSS, cfg["kl_loss_coef"]) if use_l else None,
+            ),
             reward_credit="rtg",
             reward_lambda=discount,
             baseline="grpo" if adv == "grpo" else "none",
             baseline_on="task",
             whiten=bool(cfg["whiten_advantages"]),
-            pg_clip=(eps, eps),
+            pg_clip=clip_range(cfg, "pg_clip"),
             pg_agg=cfg["loss_agg_mode"],
-            loss_estimator=K3_LOSS if use_l else None,
-            loss_coef=float(cfg["kl_loss_coef"]) if use_l else 0.0,
             loss_agg=cfg["loss_agg_mode"],
         )
-
-    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
-        return cfg["adv_estimator"] == "gae"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         out = []

@@ -9,11 +9,10 @@ trainer.policy_mini_batch_size x trainer.update_epochs_per_batch optimizer steps
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, PresetError, kl_terms
 
 KL_TYPES = {"k1": "k1", "abs": "abs", "k2": "k2", "k3": "k3_clamped"}
 REDUCTIONS = {
@@ -31,7 +30,7 @@ class SkyRL(Preset):
     functions = "skyrl.backends.skyrl_train.utils.ppo_utils.compute_approx_kl"
     sources = "SkyRL 0.3.0: skyrl/backends/skyrl_train/utils/ppo_utils.py, config ppo_base_config.yaml"
     keys = (
-        Key(P + "advantage_estimator", "grpo", "choice", ("grpo", "gae", "rloo"), help="gae: critic taken as 0"),
+        Key(P + "advantage_estimator", "grpo", "choice", ("grpo", "gae", "rloo")),
         Key(P + "use_kl_loss", True, "bool"),
         Key(P + "use_kl_in_reward", False, "bool"),
         Key(P + "kl_estimator_type", "k3", "choice", tuple(KL_TYPES)),
@@ -56,47 +55,34 @@ class SkyRL(Preset):
         P + "grpo_norm_by_std",
     )
     group_key = "generator.n_samples_per_prompt"
+    lag_keys = ("trainer.update_epochs_per_batch",)
+    rollout_keys = ("trainer.train_batch_size",)
+    minibatch_key = "trainer.policy_mini_batch_size"
+    positive_keys = (minibatch_key,)
     unit_keys = (P + "gamma", P + "lambd")
+    critic_when = (P + "advantage_estimator", "gae")
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg[P + "use_kl_loss"] and cfg[P + "use_kl_in_reward"]:
             raise PresetError(f"{P}use_kl_loss and {P}use_kl_in_reward are mutually exclusive in SkyRL")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
-        est = estimator_of(KL_TYPES, P + "kl_estimator_type", cfg[P + "kl_estimator_type"])
+        est = KL_TYPES[cfg[P + "kl_estimator_type"]]
         adv = cfg[P + "advantage_estimator"]
         baseline = {"gae": "none", "rloo": "rloo"}.get(adv, "grpo" if cfg[P + "grpo_norm_by_std"] else "batch_mean")
-        coef = float(cfg[P + "kl_loss_coef"])
+        term = (est, cfg[P + "kl_loss_coef"])
         use_r, use_l = cfg[P + "use_kl_in_reward"], cfg[P + "use_kl_loss"]
         return Recipe(
             name="skyrl",
-            reward_estimator=est if use_r else None,
-            reward_coef=coef if use_r else 0.0,
+            **kl_terms(reward=term if use_r else None, loss=term if use_l else None),
             reward_credit="rtg" if adv == "gae" else "full",
             reward_lambda=float(cfg[P + "gamma"]) * float(cfg[P + "lambd"]) if adv == "gae" else 1.0,
             baseline=baseline,
             baseline_on="total",
-            pg_ratio="token",
             pg_clip=(float(cfg[P + "eps_clip_low"]), float(cfg[P + "eps_clip_high"])),
             pg_agg=REDUCTIONS[cfg[P + "loss_reduction"]],
-            loss_estimator=est if use_l else None,
-            loss_coef=coef if use_l else 0.0,
             loss_agg="seq-mean-token-mean",
         )
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        mini = math.ceil(cfg["trainer.train_batch_size"] / cfg["trainer.policy_mini_batch_size"])
-        return max(1, mini) * int(cfg["trainer.update_epochs_per_batch"])
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"trainer.train_batch_size={cfg['trainer.train_batch_size']} / trainer.policy_mini_batch_size="
-            f"{cfg['trainer.policy_mini_batch_size']} x trainer.update_epochs_per_batch="
-            f"{cfg['trainer.update_epochs_per_batch']}"
-        )
-
-    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
-        return cfg[P + "advantage_estimator"] == "gae"
 
     def notes(self, cfg: Mapping[str, object]) -> list[str]:
         return ["the KL loss is a per-sequence token mean averaged over sequences, whatever loss_reduction says"]

@@ -14,12 +14,11 @@ n-samples-per-prompt = optimizer steps per rollout).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset, estimator_of
+from .base import Key, Preset, clip_range, kl_terms
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", "low_var_kl": clamped("k3", output_clamp=10.0, name="k3_outclamp")}
 ESTIMATORS = ("grpo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
@@ -50,16 +49,18 @@ class Slime(Preset):
     search_keys = ("kl-loss-type", "use-unbiased-kl", "use-kl-loss", "advantage-estimator", "calculate-per-token-loss")
     group_key = "n-samples-per-prompt"
     kl_switch = {"use-kl-loss": True, "kl-loss-coef": 0.001}
+    rollout_keys = ("rollout-batch-size", group_key)  # --global-batch-size samples per optimizer step
+    minibatch_key = "global-batch-size"
+    positive_keys = (minibatch_key,)
     unit_keys = ("gamma", "lambd")
+    critic_when = ("advantage-estimator", "ppo")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["advantage-estimator"]
-        est = estimator_of(KL_TYPES, "kl-loss-type", cfg["kl-loss-type"])
+        est = KL_TYPES[cfg["kl-loss-type"]]
         reward_on = adv != "grpo" and float(cfg["kl-coef"]) != 0
         loss_on = cfg["use-kl-loss"] and float(cfg["kl-loss-coef"]) != 0
         agg = "token-mean" if cfg["calculate-per-token-loss"] else "seq-mean-token-mean"
-        eps = float(cfg["eps-clip"])
-        hi = eps if cfg["eps-clip-high"] is None else float(cfg["eps-clip-high"])
         # ppo: GAE (critic 0) with gamma * lambd; reinforce_plus_plus: discounted returns (gamma);
         # reinforce_plus_plus_baseline: each token only its own KL (discount 0), baseline over the task reward
         discount = {
@@ -69,35 +70,20 @@ class Slime(Preset):
         }.get(adv, 1.0)
         return Recipe(
             name="slime",
-            reward_estimator=est if reward_on else None,
-            reward_coef=float(cfg["kl-coef"]) if reward_on else 0.0,
+            **kl_terms(
+                reward=(est, cfg["kl-coef"]) if reward_on else None,
+                loss=(est, cfg["kl-loss-coef"]) if loss_on else None,
+            ),
             reward_credit="rtg",
             reward_lambda=discount,
             baseline={"grpo": "grpo", "reinforce_plus_plus_baseline": "batch_mean"}.get(adv, "none"),
             baseline_on="task" if adv == "reinforce_plus_plus_baseline" else "total",
             whiten=adv in ("reinforce_plus_plus", "reinforce_plus_plus_baseline"),
-            pg_ratio="token",
-            pg_clip=(eps, hi),
+            pg_clip=clip_range(cfg, "eps-clip", "eps-clip-high"),
             pg_agg=agg,
-            loss_estimator=est if loss_on else None,
-            loss_coef=float(cfg["kl-loss-coef"]) if loss_on else 0.0,
             loss_weight="ratio" if cfg["use-unbiased-kl"] else "none",
             loss_agg=agg,
         )
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        if cfg["rollout-batch-size"] is None or cfg["global-batch-size"] is None:
-            return 1
-        return max(1, math.ceil(cfg["rollout-batch-size"] * cfg["n-samples-per-prompt"] / cfg["global-batch-size"]))
-
-    def lag_reason(self, cfg: Mapping[str, object]) -> str:
-        return (
-            f"rollout-batch-size={cfg['rollout-batch-size']} x n-samples-per-prompt={cfg['n-samples-per-prompt']} / "
-            f"global-batch-size={cfg['global-batch-size']}"
-        )
-
-    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
-        return cfg["advantage-estimator"] == "ppo"
 
     def no_kl_reason(self, cfg: Mapping[str, object]) -> str:
         if cfg["advantage-estimator"] == "grpo" and float(cfg["kl-coef"]) != 0 and not cfg["use-kl-loss"]:

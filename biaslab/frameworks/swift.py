@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from ..estimators import clamped
 from ..recipes import Recipe
-from .base import Key, Preset
+from .base import Key, Preset, clip_range, kl_terms
 
 K3_SWIFT = clamped("k3", input_clamp=20.0, output_clamp=10.0, name="k3_swift")
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean"}
@@ -31,10 +31,10 @@ class MsSwift(Preset):
     keys = (
         Key("beta", 0.04, "float"),
         Key("advantage_estimator", "grpo", "choice", ("grpo", "rloo", "reinforce_plus_plus")),
-        Key("kl_in_reward", None, "bool", nullable=True, help="null: by advantage_estimator"),
+        Key("kl_in_reward", None, "bool", nullable=True),  # null: by advantage_estimator
         Key("num_generations", 8, "int"),
         Key("loss_type", "grpo", "choice", tuple(LOSS_TYPES), why="other loss types are not modelled"),
-        Key("scale_rewards", "auto", "choice", ("auto", "group", "batch", "none"), help="auto: by advantage_estimator"),
+        Key("scale_rewards", "auto", "choice", ("auto", "group", "batch", "none")),
         Key("epsilon", 0.2, "float"),
         Key("epsilon_high", None, "float", nullable=True),
         Key("num_iterations", 1, "int"),
@@ -57,8 +57,6 @@ class MsSwift(Preset):
         beta = float(cfg["beta"])
         kl_in_reward, scale = self.resolved(cfg)
         adv = cfg["advantage_estimator"]
-        in_r = kl_in_reward and beta != 0
-        in_l = not kl_in_reward and beta != 0
         if adv == "rloo":
             baseline = "rloo"
         elif adv == "reinforce_plus_plus" or scale != "group":
@@ -66,22 +64,19 @@ class MsSwift(Preset):
         else:
             baseline = "grpo"
         agg = LOSS_TYPES[cfg["loss_type"]]
-        eps = float(cfg["epsilon"])
-        hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
+        in_r = kl_in_reward and beta != 0
+        in_l = not kl_in_reward and beta != 0
         return Recipe(
             name="ms-swift",
-            reward_estimator="k1" if in_r else None,
-            reward_coef=beta if in_r else 0.0,
+            **kl_terms(reward=("k1", beta) if in_r else None, loss=(K3_SWIFT, beta) if in_l else None),
             reward_credit="full",
             baseline=baseline,
             baseline_on="total",
             whiten=scale == "batch",
             whiten_std=True,
             grpo_eps=1e-4,
-            pg_clip=(eps, hi),
+            pg_clip=clip_range(cfg, "epsilon", "epsilon_high"),
             pg_agg=agg,
-            loss_estimator=K3_SWIFT if in_l else None,
-            loss_coef=beta if in_l else 0.0,
             loss_agg=agg,
         )
 

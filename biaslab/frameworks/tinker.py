@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset
+from .base import Key, Preset, kl_terms
 
 
 class Tinker(Preset):
@@ -26,7 +26,7 @@ class Tinker(Preset):
     sources = "tinker-cookbook main (late 2026): tinker_cookbook/rl/metrics.py, rl/data_processing.py, rl/train.py"
     keys = (
         Key("kl_penalty_coef", 0.0, "float"),
-        Key("kl_discount_factor", 0.0, "float"),
+        Key("kl_discount_factor", 0.0, "float", search=(1.0,)),
         Key("group_size", 4, "int"),
         Key("num_substeps", 1, "int"),
     )
@@ -36,17 +36,11 @@ class Tinker(Preset):
     lag_keys = ("num_substeps",)
     unit_keys = ("kl_discount_factor",)
 
-    def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
-        if name == "kl_discount_factor":
-            return [v for v in (1.0,) if v != cfg[name]]
-        return super().search_values(name, cfg)
-
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         coef = float(cfg["kl_penalty_coef"])
         return Recipe(
             name="tinker",
-            reward_estimator="k1" if coef != 0 else None,
-            reward_coef=coef,
+            **kl_terms(reward=("k1", coef) if coef != 0 else None),
             reward_credit="rtg",
             reward_lambda=float(cfg["kl_discount_factor"]),
             baseline="batch_mean",
@@ -56,7 +50,6 @@ class Tinker(Preset):
             # discounting, the model after); group-level centring is Recipe(reward_kl_center="group_token_mean")
             whiten=True,
             whiten_std=False,
-            pg_ratio="token",
             pg_agg="token-sum",
         )
 

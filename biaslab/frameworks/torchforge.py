@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset
+from .base import Key, Preset, kl_terms
 
 
 class TorchForge(Preset):
@@ -31,9 +31,7 @@ class TorchForge(Preset):
         return Recipe(
             name="torchforge",
             baseline="grpo",
-            pg_ratio="token",
             pg_agg="seq-mean-token-mean",
-            loss_estimator="k3" if beta != 0 else None,
-            loss_coef=beta,
+            **kl_terms(loss=("k3", beta) if beta != 0 else None),
             loss_agg="seq-mean-token-mean",
         )

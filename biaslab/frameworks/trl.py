@@ -16,11 +16,10 @@ trl/trainer/ppo_trainer.py (TRL 0.x: num_ppo_epochs x num_mini_batches updates p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError
+from .base import Key, Preset, PresetError, clip_range, kl_terms
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}
 
@@ -48,30 +47,26 @@ class TRLGRPO(Preset):
     search_keys = ("use_bias_correction_kl", "loss_type", "scale_rewards", "importance_sampling_level")
     group_key = "num_generations"
     kl_switch = {"beta": 0.04}
+    lag_keys = ("num_iterations",)
+    rollout_keys = ("steps_per_generation",)  # null: gradient_accumulation_steps
+    minibatch_key = "gradient_accumulation_steps"
     positive_keys = ("num_iterations", "gradient_accumulation_steps", "max_completion_length", "num_generations")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
-        eps = float(cfg["epsilon"])
-        hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
         agg = LOSS_TYPES[cfg["loss_type"]]
         return Recipe(
             name="trl-grpo",
             baseline="grpo" if cfg["scale_rewards"] != "none" else "batch_mean",
             grpo_eps=1e-4,
             pg_ratio="sequence_mean" if cfg["importance_sampling_level"] == "sequence" else "token",
-            pg_clip=(eps, hi),
+            pg_clip=clip_range(cfg, "epsilon", "epsilon_high"),
             pg_agg=agg,
-            loss_estimator="k3" if beta != 0 else None,
-            loss_coef=beta,
+            **kl_terms(loss=("k3", beta) if beta != 0 else None),
             loss_weight="ratio" if cfg["use_bias_correction_kl"] else "none",
             loss_agg=agg,
             horizon=int(cfg["max_completion_length"]) if agg == "constant" else None,
         )
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        spg = cfg["steps_per_generation"] or cfg["gradient_accumulation_steps"]
-        return int(cfg["num_iterations"]) * max(1, math.ceil(spg / cfg["gradient_accumulation_steps"]))
 
     def lag_reason(self, cfg: Mapping[str, object]) -> str:
         return (
@@ -104,7 +99,7 @@ class TRLPPO(Preset):
         Key("kl_estimator", "k1", "choice", ("k1", "k3")),
         Key("cliprange", 0.2, "float"),
         Key("gamma", 1.0, "float"),
-        Key("lam", 0.95, "float"),
+        Key("lam", 0.95, "float", search=(1.0,)),
         Key("whiten_rewards", False, "bool", (False,), why="reward whitening is not modelled"),
         Key("num_ppo_epochs", 4, "int"),
         Key("num_mini_batches", 1, "int"),
@@ -114,24 +109,16 @@ class TRLPPO(Preset):
     unit_keys = ("lam", "gamma")
     positive_keys = lag_keys
 
-    def search_values(self, name: str, cfg: Mapping[str, object]) -> list[object]:
-        if name == "lam":
-            return [v for v in (1.0,) if v != cfg[name]]
-        return super().search_values(name, cfg)
-
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
-        eps = float(cfg["cliprange"])
         coef = float(cfg["kl_coef"])
         return Recipe(
             name="trl-ppo",
-            reward_estimator=cfg["kl_estimator"] if coef != 0 else None,
-            reward_coef=coef,
+            **kl_terms(reward=(cfg["kl_estimator"], coef) if coef != 0 else None),
             reward_credit="rtg",
             reward_lambda=float(cfg["gamma"]) * float(cfg["lam"]),
             whiten=True,
             whiten_std=True,
-            pg_ratio="token",
-            pg_clip=(eps, eps),
+            pg_clip=clip_range(cfg, "cliprange"),
             pg_agg="token-mean",
         )
 
@@ -163,8 +150,9 @@ class TRLRLOO(Preset):
     )
     search_keys = ("normalize_advantages",)
     group_key = "num_generations"
-    updates_per_rollout = TRLGRPO.updates_per_rollout  # the same generation / accumulation keys
+    lag_keys, rollout_keys, minibatch_key = TRLGRPO.lag_keys, TRLGRPO.rollout_keys, TRLGRPO.minibatch_key
     lag_reason = TRLGRPO.lag_reason
+    positive_keys = ("gradient_accumulation_steps",)
 
     def validate(self, cfg: dict[str, object]) -> None:
         if cfg["num_generations"] < 2:
@@ -172,18 +160,15 @@ class TRLRLOO(Preset):
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         beta = float(cfg["beta"])
-        eps = float(cfg["epsilon"])
-        hi = eps if cfg["epsilon_high"] is None else float(cfg["epsilon_high"])
         return Recipe(
             name="trl-rloo",
-            reward_estimator="k1" if beta != 0 else None,
-            reward_coef=beta,
+            **kl_terms(reward=("k1", beta) if beta != 0 else None),
             reward_credit="full",
             baseline="rloo",
             baseline_on="total",
             whiten=bool(cfg["normalize_advantages"]),
             pg_ratio="sequence_once",
-            pg_clip=(eps, hi),
+            pg_clip=clip_range(cfg, "epsilon", "epsilon_high"),
             pg_agg="seq-mean-token-sum",
         )
 

@@ -15,11 +15,10 @@ mini-batches per rollout), verl/trainer/config/_generated_ppo_trainer.yaml (defa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from ..recipes import Recipe
-from .base import Key, Preset, PresetError, estimator_of
+from .base import Key, Preset, fixed_kl, kl_terms
 
 KL_TYPES: dict[str, str] = {
     "kl": "k1",
@@ -54,20 +53,13 @@ class Verl(Preset):
             "gae",
             "choice",
             ADV,
-            help="gae: critic taken as 0",
             why="other estimators (remax, opo, gdpo, grpo_passk, ...) are not modelled",
         ),
         Key("algorithm.norm_adv_by_std_in_grpo", True, "bool"),
         Key("algorithm.use_kl_in_reward", False, "bool"),
         Key("algorithm.kl_penalty", "kl", "choice", tuple(KL_TYPES)),
         Key("algorithm.kl_ctrl.kl_coef", 0.001, "float"),
-        Key(
-            "algorithm.kl_ctrl.type",
-            "fixed",
-            "choice",
-            ("fixed",),
-            why="the adaptive controller changes beta between steps; audit one step with type=fixed at that beta",
-        ),
+        fixed_kl("algorithm.kl_ctrl.type"),
         Key("algorithm.gamma", 1.0, "float"),
         Key("algorithm.lam", 1.0, "float"),
         Key(A + "use_kl_loss", False, "bool"),
@@ -103,12 +95,15 @@ class Verl(Preset):
     )
     group_key = "actor_rollout_ref.rollout.n"
     kl_switch = {A + "use_kl_loss": True}
+    # ppo_epochs x (train_batch_size / ppo_mini_batch_size) optimizer steps per rollout batch (both sizes count
+    # prompts in verl 0.9; ray_trainer.py splits the batch into mini-batches for each epoch)
+    lag_keys = (A + "ppo_epochs",)
+    rollout_keys = ("data.train_batch_size",)
+    minibatch_key = A + "ppo_mini_batch_size"
     unit_keys = ("algorithm.gamma", "algorithm.lam")
     positive_keys = (group_key, A + "ppo_epochs", A + "ppo_mini_batch_size", "data.train_batch_size")
-
-    def validate(self, cfg: dict[str, object]) -> None:
-        if cfg[A + "clip_ratio_c"] <= 1.0:
-            raise PresetError(f"{A}clip_ratio_c must be > 1 (verl asserts it), got {cfg[A + 'clip_ratio_c']}")
+    dual_clip_keys = (A + "clip_ratio_c",)
+    critic_when = ("algorithm.adv_estimator", "gae")
 
     def recipe(self, cfg: Mapping[str, object]) -> Recipe:
         adv = cfg["algorithm.adv_estimator"]
@@ -124,44 +119,33 @@ class Verl(Preset):
         clip = cfg[A + "clip_ratio"]
         lo = cfg[A + "clip_ratio_low"] if cfg[A + "clip_ratio_low"] is not None else clip
         hi = cfg[A + "clip_ratio_high"] if cfg[A + "clip_ratio_high"] is not None else clip
-        use_r, use_l = cfg["algorithm.use_kl_in_reward"], cfg[A + "use_kl_loss"]
+        reward = KL_TYPES[cfg["algorithm.kl_penalty"]]
+        loss = KL_TYPES[cfg[A + "kl_loss_type"]]
         return Recipe(
             name="verl",
-            reward_estimator=estimator_of(KL_TYPES, "algorithm.kl_penalty", cfg["algorithm.kl_penalty"])
-            if use_r
-            else None,
-            reward_coef=float(cfg["algorithm.kl_ctrl.kl_coef"]) if use_r else 0.0,
+            **kl_terms(
+                reward=(reward, cfg["algorithm.kl_ctrl.kl_coef"]) if cfg["algorithm.use_kl_in_reward"] else None,
+                loss=(loss, cfg[A + "kl_loss_coef"]) if cfg[A + "use_kl_loss"] else None,
+            ),
             reward_credit="rtg" if per_token else "full",
             reward_lambda=discount if per_token else 1.0,
             baseline=baseline,
             baseline_on="total",
             grpo_eps=1e-6,
             whiten=adv in ("gae", "reinforce_plus_plus", "reinforce_plus_plus_baseline"),
-            pg_ratio="token",
             pg_clip=(lo, hi),
             pg_dual_clip=float(cfg[A + "clip_ratio_c"]),
             log_ratio_clamp=20.0,
             pg_agg=cfg[A + "loss_agg_mode"],
-            loss_estimator=estimator_of(KL_TYPES, A + "kl_loss_type", cfg[A + "kl_loss_type"]) if use_l else None,
-            loss_coef=float(cfg[A + "kl_loss_coef"]) if use_l else 0.0,
             loss_agg=cfg[A + "loss_agg_mode"],
             horizon=cfg[A + "loss_scale_factor"],
         )
-
-    def updates_per_rollout(self, cfg: Mapping[str, object]) -> int:
-        """ppo_epochs x (train_batch_size / ppo_mini_batch_size) optimizer steps per rollout batch (both sizes
-        count prompts in verl 0.9; ray_trainer.py splits the batch into mini-batches for each epoch)."""
-        mini = math.ceil(cfg["data.train_batch_size"] / cfg[A + "ppo_mini_batch_size"])
-        return int(cfg[A + "ppo_epochs"]) * max(1, mini)
 
     def lag_reason(self, cfg: Mapping[str, object]) -> str:
         return (
             f"{A}ppo_epochs={cfg[A + 'ppo_epochs']} x data.train_batch_size={cfg['data.train_batch_size']} / "
             f"{A}ppo_mini_batch_size={cfg[A + 'ppo_mini_batch_size']}"
         )
-
-    def needs_critic(self, cfg: Mapping[str, object]) -> bool:
-        return cfg["algorithm.adv_estimator"] == "gae"
 
     def companions(self, changes: Mapping[str, object], cfg: Mapping[str, object]) -> dict[str, object]:
         """seq-mean-token-sum-norm divides by loss_scale_factor, else by the micro-batch's padded length (which
