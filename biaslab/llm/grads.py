@@ -299,11 +299,5 @@ def make_sketch(subset: ParamSubset, max_dense: int, k: int, seed: int) -> Sketc
 
 
 __all__ = [
-    "ParamSubset",
-    "PerSampleGrads",
-    "Sketch",
-    "decoder_blocks",
-    "logit_cotangent",
-    "make_sketch",
-    "select_params",
+    "ParamSubset", "PerSampleGrads", "Sketch", "decoder_blocks", "logit_cotangent", "make_sketch", "select_params",
 ]

@@ -187,14 +187,6 @@ def train_lora(
 
 
 __all__ = [
-    "DEFAULT_TARGETS",
-    "LoRALinear",
-    "attach_lora",
-    "broadcast_lora",
-    "lora_modules",
-    "perturb_lora",
-    "reference_mode",
-    "reward_tokens",
-    "scale_lora",
-    "train_lora",
+    "DEFAULT_TARGETS", "LoRALinear", "attach_lora", "broadcast_lora", "is_linear", "lora_modules", "perturb_lora",
+    "reference_mode", "reward_tokens", "scale_lora", "train_lora",
 ]

@@ -844,28 +844,24 @@ def config_rows(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptio
         refs[key + sfx] = name
     keys = [k + sfx for k in (*setup.configs, *setup.rules)]
     stats_rows = analyze(main, keys, dirs, alpha=opts.alpha, seed=opts.seed, n_boot=opts.bootstrap, references=refs)
-    f, f_tok = dirs.f_dir, dirs.ftok_dir
     out_rows = []
     for key, srow in zip((*setup.configs, *setup.rules), stats_rows):
         g = main[key + sfx]
         r = main[refs.get(key + sfx, "reference")].mean(0)
-        r_sq = max(float(r @ r), 1e-300)
-        mean = g.mean(0)
-        var = float(g.var(0).sum())
-        extra = {}
-        if key in setup.rules:
-            rule = setup.rules[key]
-            extra = {"recipe": rule.description, "group_size": rule.group_size, "groups": int(g.shape[0]),
-                     "notes": rule.notes, "nominal_scale_length": cut or setup.max_new_tokens}
+        mean, var = g.mean(0), float(g.var(0).sum())
+        rule = setup.rules.get(key)
+        extra = {} if rule is None else {
+            "recipe": rule.description, "group_size": rule.group_size, "groups": int(g.shape[0]),
+            "notes": rule.notes, "nominal_scale_length": cut or setup.max_new_tokens}
         out_rows.append({
             "config": key,
-            "label": setup.rules[key].label if key in setup.rules else setup.configs[key].label,
+            "label": (setup.configs[key] if rule is None else rule).label,
             **{k: v for k, v in srow.items() if k != "config"},
             "variance": var,
-            "rel_variance": var / r_sq,
+            "rel_variance": var / max(float(r @ r), 1e-300),
             "cos_reverse": cosine(mean, r),
-            "cos_forward": cosine(mean, f),
-            "cos_forward_token": cosine(mean, f_tok),
+            "cos_forward": cosine(mean, dirs.f_dir),
+            "cos_forward_token": cosine(mean, dirs.ftok_dir),
             **extra,
         })
     return out_rows, ref.mean(0)
@@ -923,21 +919,19 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
     n = ref.shape[0]
     r_sq = max(float(r @ r), 1e-300)
     dirs = _directions(rows)
-    v = main["values"]  # (n, 8)
+    v = main["values"]  # (n, 8): the columns of ``value_rows``
     values = {}
     for i, name in enumerate(VALUE_ESTIMATORS):
-        j = 1 + i
-        diff = v[:, j] - v[:, 0]
+        seq, diff = v[:, 1 + i], v[:, 1 + i] - v[:, 0]
         values[name] = {
-            "mean_sequence_value": float(v[:, j].mean()),
-            "se": float(v[:, j].std() / math.sqrt(n)),
+            "mean_sequence_value": float(seq.mean()),
+            "se": float(seq.std() / math.sqrt(n)),
             "bias_vs_exact": float(diff.mean()),
             "bias_se": float(diff.std() / math.sqrt(n)),
             "token_rmse_vs_exact": math.sqrt(float(v[:, 4 + i].sum()) / max(float(v[:, 7].sum()), 1.0)),
-            "sequence_std": float(v[:, j].std()),
+            "sequence_std": float(seq.std()),
         }
     kl_mean, kl_se = float(v[:, 0].mean()), float(v[:, 0].std() / math.sqrt(n))
-    lengths = v[:, 7]
     warn = []
     if n < MIN_CALIBRATED_SAMPLES:
         warn.append(f"--samples {n} is below {MIN_CALIBRATED_SAMPLES}, the smallest sample size at which the test "
@@ -978,7 +972,7 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
         "sequence_kl": {"mean": kl_mean, "se": kl_se,
                         "direction": "KL(pi_theta || pi_ref), sum of exact per-token KLs over y ~ pi_theta"},
         "numeric_floor": floor,
-        "mean_response_tokens": float(lengths.mean()),
+        "mean_response_tokens": float(v[:, 7].mean()),
         "ended_at_eos": ended,
         "reference": {
             "config": ":".join(REFERENCE_CONFIG),
