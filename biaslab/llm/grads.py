@@ -214,8 +214,6 @@ class PerSampleGrads:
         """(B, dim) float64 per-sample gradients sum_{t,v} dz_tv grad z_tv of every sample of the batch. ``logits``
         may be any (B, ...) output of the recorded pass (e.g. the hidden states before the head, with the cotangent
         dz @ W_head)."""
-        if self.subset.method == "loop":
-            return self.loop_grads(logits, dz)
         return self.grads_stack(logits, dz.unsqueeze(0))[0]
 
     def grads_stack(self, root: Tensor, cots: Tensor, chunk: int = 8) -> list[Tensor]:

@@ -229,6 +229,9 @@ class LLMOptions:
             raise LLMError(f"--generation-batch must be >= 1, got {self.generation_batch}")
         if self.reference is not None and (self.train_steps or self.target_kl is not None):
             raise LLMError("--reference gives a fixed checkpoint pair: --target-kl and --train-steps need the LoRA")
+        if self.reference is not None and self.params == "lora":
+            raise LLMError("--reference: the policy checkpoint has no LoRA adapter; choose --params last-layer or "
+                           "parameter names")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -347,9 +350,6 @@ def build(opts: LLMOptions, device: str) -> Setup:
         if ref.vocab_size != loaded.vocab_size:
             raise LLMError(f"--reference has vocabulary {ref.vocab_size}, --policy {loaded.vocab_size}: not a pair")
         ref_model = ref.model
-        if opts.params == "lora":
-            raise LLMError("--reference: the policy checkpoint has no LoRA adapter; choose --params last-layer or "
-                           "parameter names")
         info["source"] = f"checkpoint pair: policy {opts.model}, reference {opts.reference}"
     else:
         attach_lora(model, opts.lora_targets, opts.lora_rank, alpha=float(opts.lora_rank))
@@ -564,17 +564,13 @@ def sample_grads(setup: Setup, gen: Generation, dtype: str = "float32", keys: tu
     alias: dict[str, str] = {}
     post: dict[str, tuple[LLMRule, int]] = {}
     values = value_rows(lp, lr, kl, mask)
-    lp_raw = None
     for cut in (None, *truncations):
         sfx = _suffix(cut)
         if cut is None:
             m, lp_c, kl_c = mask, lp, kl
-        else:
+        else:  # the response cut after ``cut`` tokens: the reference's log-probs (and KL 0) past it
             m = mask * (torch.arange(L, device=mask.device) < cut).to(mask.dtype)
-            if lp_raw is None:
-                with torch.no_grad():
-                    lp_raw = logits.detach().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            lp_c, kl_c = torch.where(m.bool(), lp_raw, lr), kl * m
+            lp_c, kl_c = torch.where(m.bool(), lp, lr), kl * m
             extra[f"values{sfx}"] = value_rows(lp_c, lr, kl_c, m)
         done: list[tuple[Tensor, str]] = []
         for key in want:
