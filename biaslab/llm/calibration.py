@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..stats import _noncentrality_for_power, adjust_p_values
+
 #: Smallest number of main samples at which the test and intervals were found calibrated by ``simulate`` on the
 #: enumerable tiny GPT-2 (false alarms and Fieller coverage within binomial bounds of nominal; README, tests).
 MIN_CALIBRATED_SAMPLES = 256
@@ -42,14 +44,7 @@ POWER = 0.9
 
 def holm(pvalues: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error control over the list, any dependence)."""
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    out = [0.0] * m
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        out[i] = running
-    return out
+    return list(adjust_p_values(dict(enumerate(pvalues))).values())
 
 
 def fieller(a: Tensor, b: Tensor, alpha: float) -> tuple[float, float, float]:
@@ -61,30 +56,28 @@ def fieller(a: Tensor, b: Tensor, alpha: float) -> tuple[float, float, float]:
     ma, mb = float(a.mean()), float(b.mean())
     saa, sbb = float(a.var()) / n, float(b.var()) / n
     sab = float(((a - ma) * (b - mb)).sum()) / (n - 1) / n
-    t2 = _t2_quantile(1 - alpha / 2, n - 1)
     ratio = ma / mb if mb != 0 else math.nan
-    qa = mb * mb - t2 * sbb
-    qb = ma * mb - t2 * sab
-    qc = ma * ma - t2 * saa
+    roots = _fieller_roots(ma, mb, saa, sbb, sab, _t2_quantile(1 - alpha / 2, n - 1))
+    return (ratio, *roots) if roots is not None else (ratio, -math.inf, math.inf)
+
+
+def _fieller_roots(ma: float, mb: float, saa: float, sbb: float, sab: float, q2: float) -> tuple[float, float] | None:
+    """The two rho with (ma - rho mb)^2 = q2 (saa - 2 rho sab + rho^2 sbb), ascending; None when the set they bound
+    is unbounded (mb not significantly nonzero, or an exclusive two-ray set)."""
+    qa, qb, qc = mb * mb - q2 * sbb, ma * mb - q2 * sab, ma * ma - q2 * saa
     disc = qb * qb - qa * qc
     if qa <= 0 or disc < 0:
-        return ratio, -math.inf, math.inf
+        return None
     root = math.sqrt(disc)
-    return ratio, (qb - root) / qa, (qb + root) / qa
+    return (qb - root) / qa, (qb + root) / qa
 
 
 def _ratio_root(ma: float, mb: float, saa: float, sbb: float, sab: float, q: float) -> float | None:
     """The rho with (ma - rho mb) / sqrt(saa - 2 rho sab + rho^2 sbb) = q, or None when that set is unbounded."""
     if q == 0:
         return ma / mb
-    qa, qb, qc = mb * mb - q * q * sbb, ma * mb - q * q * sab, ma * ma - q * q * saa
-    disc = qb * qb - qa * qc
-    if qa <= 0 or disc < 0:
-        return None
-    for rho in ((qb - math.sqrt(disc)) / qa, (qb + math.sqrt(disc)) / qa):
-        if (ma - rho * mb) * q > 0:
-            return rho
-    return None
+    roots = _fieller_roots(ma, mb, saa, sbb, sab, q * q)
+    return next((rho for rho in roots or () if (ma - rho * mb) * q > 0), None)
 
 
 def fieller_bootstrap(a: Tensor, b: Tensor, alpha: float, w: Tensor) -> tuple[float, float, float]:
@@ -116,14 +109,20 @@ def fieller_bootstrap(a: Tensor, b: Tensor, alpha: float, w: Tensor) -> tuple[fl
     return ratio, min(ends), max(ends)
 
 
+def _t2(x: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Mean (k,), covariance (k, k) and Hotelling's T^2 = n m^T S^-1 m of n rows x (n, k)."""
+    n, k = x.shape
+    mean = x.mean(0)  # (k,)
+    cov = torch.cov(x.T).reshape(k, k)  # (k, k)
+    return mean, cov, float(n * mean @ torch.linalg.solve(cov, mean))
+
+
 def hotelling(x: Tensor) -> tuple[float, float, tuple[int, int], Tensor]:
     """Test H0: E[x] = 0 for n rows of k coordinates: (F statistic, p-value, (k, n - k), covariance (k, k))."""
     from scipy import stats
 
     n, k = x.shape
-    mean = x.mean(0)  # (k,)
-    cov = torch.cov(x.T).reshape(k, k)  # (k, k)
-    t2 = float(n * mean @ torch.linalg.solve(cov, mean))
+    _, cov, t2 = _t2(x)
     stat = (n - k) / (k * (n - 1)) * t2
     return stat, float(stats.f.sf(stat, k, n - k)), (k, n - k), cov
 
@@ -140,9 +139,7 @@ def bootstrap_hotelling(x: Tensor, w: Tensor) -> float:
     mean, n (m* - m)^T S*^-1 (m* - m), reaches the observed n m^T S^-1 m ((1 + count) / (1 + B)). Unlike the F
     reference distribution it adapts to skewed, heavy-tailed per-sample gradients."""
     n, k = x.shape
-    mean = x.mean(0)  # (k,)
-    cov = torch.cov(x.T).reshape(k, k)
-    t2 = float(n * mean @ torch.linalg.solve(cov, mean))
+    mean, _, t2 = _t2(x)
     m = w @ x / n  # (B, k)
     second = (w @ (x.unsqueeze(2) * x.unsqueeze(1)).reshape(n, k * k) / n).reshape(-1, k, k)  # (B, k, k)
     cov_b = (second - m.unsqueeze(2) * m.unsqueeze(1)) * n / (n - 1)  # (B, k, k)
@@ -158,23 +155,11 @@ def _t2_quantile(p: float, df: int) -> float:
     return float(stats.t.ppf(p, df)) ** 2
 
 
-@functools.lru_cache(maxsize=256)
-def _noncentrality(k: int, df2: int, alpha: float, power: float) -> float:
-    from scipy import optimize, stats
-
-    crit = stats.f.ppf(1 - alpha, k, df2)
-    f = lambda lam: stats.ncf.sf(crit, k, df2, lam) - power  # noqa: E731
-    hi = 1.0
-    while f(hi) < 0:
-        hi *= 2
-    return float(optimize.brentq(f, 1e-9, hi, xtol=1e-8))
-
-
 def detectable_norm(n: int, cov: Tensor, alpha: float, power: float = POWER) -> float:
     """Smallest bias norm (in the tested directions) the level-alpha Hotelling test detects with ``power`` in its
     worst direction: lambda = n b^T S^-1 b >= n |b|^2 / max eig(S)."""
     k = cov.shape[0]
-    lam = _noncentrality(k, n - k, alpha, power) * (n - 1) / (n - k)  # F scale -> T^2 scale
+    lam = _noncentrality_for_power(k, float(n - k), alpha, power) * (n - 1) / (n - k)  # F scale -> T^2 scale
     return math.sqrt(lam * float(torch.linalg.eigvalsh(cov).max()) / n)
 
 
@@ -220,10 +205,7 @@ def bias_norm_ci(d: Tensor, ref: Tensor, alpha: float, n_boot: int, seed: int) -
     point = float(stat(torch.ones(1, n, dtype=d.dtype), 1)[0])
     if n_boot <= 0:
         return point, math.nan, math.nan
-    g = torch.Generator().manual_seed(seed)
-    w = torch.zeros(n_boot, n, dtype=d.dtype)
-    w.scatter_add_(1, torch.randint(n, (n_boot, n), generator=g), torch.ones(n_boot, n, dtype=d.dtype))
-    return point, *_quantiles(stat(w, 2), alpha)
+    return point, *_quantiles(stat(resampling_weights(n, n_boot, seed).to(d.dtype), 2), alpha)
 
 
 def _quantiles(x: Tensor, alpha: float) -> tuple[float, float]:
@@ -242,10 +224,6 @@ class Directions:
     r_dir: Tensor  # an independent estimate of grad KL(pi || pi_ref)
     ftok_dir: Tensor  # token-level forward KL direction (prefix law of pi held fixed)
     f_dir: Tensor | None = None  # grad KL(pi_ref || pi)
-
-
-def verdict(biased: bool, detectable: float) -> str:
-    return "biased" if biased else f"no bias detected (detectable >= {detectable:.2g})"
 
 
 def analyze(
@@ -282,14 +260,11 @@ def analyze(
         d = rows[key].to(torch.float64) - ref  # (n, P) paired differences
         dq = d @ q.T  # (n, k)
         stat, p, dof, cov = hotelling(dq)
+        ratio_ci = fieller if w_boot is None else functools.partial(fieller_bootstrap, w=w_boot)
         if w_boot is not None:
             p = bootstrap_hotelling(dq, w_boot)
-        if w_boot is not None:
-            rho, lo, hi = fieller_bootstrap(d @ u, ref_u, alpha, w_boot)
-            tw, tlo, thi = fieller_bootstrap(d @ w, ref_u, alpha, w_boot)
-        else:
-            rho, lo, hi = fieller(d @ u, ref_u, alpha)
-            tw, tlo, thi = fieller(d @ w, ref_u, alpha)
+        rho, lo, hi = ratio_ci(d @ u, ref_u, alpha)
+        tw, tlo, thi = ratio_ci(d @ w, ref_u, alpha)
         bn, blo, bhi = bias_norm_ci(d, ref, alpha, n_boot if norm_ci else 0, seed)
         out.append({
             "config": key,
@@ -314,7 +289,8 @@ def analyze(
         row.pop("_cov")
         row["p_value"] = p
         row["biased"] = p < alpha
-        row["verdict"] = verdict(row["biased"], row["detectable_rel_bias"])
+        detectable = row["detectable_rel_bias"]
+        row["verdict"] = "biased" if row["biased"] else f"no bias detected (detectable >= {detectable:.2g})"
         row["test_method"] = (f"paired Hotelling T^2 on {q.shape[0]} fixed directions (reverse, forward-token, forward,"
                               f" random; from independent samples), "
                               + (f"bootstrap-t p-value ({n_boot} resamples)" if n_boot > 0 else "F p-value")
@@ -393,4 +369,4 @@ def simulate(
 
 
 __all__ = ["MIN_CALIBRATED_SAMPLES", "Directions", "Enumerated", "analyze", "bias_norm_ci", "detectable_norm",
-           "fieller", "fieller_bootstrap", "holm", "hotelling", "simulate", "fixed_directions", "verdict"]
+           "fieller", "fieller_bootstrap", "holm", "hotelling", "simulate", "fixed_directions"]

@@ -15,42 +15,22 @@ import warnings
 def _options(args: argparse.Namespace, **over) -> object:
     from .run import LLMOptions
 
-    kw = dict(
+    same = ("reference", "prompts", "samples", "direction_samples", "max_new_tokens", "params", "device", "dtype",
+            "seed", "batch_size", "lora_rank", "perturb", "target_kl", "train_steps", "projections", "max_dense",
+            "alpha", "allow_tf32", "bootstrap", "generation_batch", "stacked", "framework", "enable_kl", "group_size")
+    kw = {name: getattr(args, name) for name in same}  # flags named as the options
+    kw.update(
         model=args.policy or args.model,
-        reference=args.reference,
-        prompts=args.prompts,
-        samples=args.samples,
-        direction_samples=args.direction_samples,
-        max_new_tokens=args.max_new_tokens,
-        params=args.params,
         configs=tuple(c for c in args.configs.split(",") if c.strip()),
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        lora_rank=args.lora_rank,
-        perturb=args.perturb,
-        target_kl=args.target_kl,
-        train_steps=args.train_steps,
-        projections=args.projections,
-        max_dense=args.max_dense,
-        alpha=args.alpha,
-        allow_tf32=args.allow_tf32,
-        bootstrap=args.bootstrap,
         eos=False if args.no_eos else None,
         progress=bool(args.progress),
-        generation_batch=args.generation_batch,
-        stacked=args.stacked,
         truncations=None if args.sweep_truncate is None else tuple(
             int(x) for x in _floats(args.sweep_truncate, "--sweep-truncate", allow_empty=True)),
-        framework=args.framework,
         framework_settings=tuple(args.set or ()),
         framework_config=args.config,
-        enable_kl=args.enable_kl,
         losses=tuple(args.loss or ()),
         loss_beta=args.beta,
         loss_agg=args.agg,
-        group_size=args.group_size,
     )
     kw.update(over)
     return LLMOptions(**kw)

@@ -2,8 +2,8 @@
 
 The work is cut into global chunks of samples (chunk j holds samples [j B, (j + 1) B)); rank r takes the chunks
 j = r mod world. Every sample has its own random stream (``sample.stream_seed``), so a chunk holds the same samples
-whatever the number of processes. Each chunk's sufficient statistics (``stats.Moments``) are gathered on every
-rank and merged in chunk order, so W processes compute bit for bit the numbers one process computes.
+whatever the number of processes. Each chunk's per-sample rows are gathered on every rank and concatenated in chunk
+order (``run.collect``), so W processes compute bit for bit the numbers one process computes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import os
 
 import torch
 import torch.distributed as dist
-
-from ..stats import Moments
 
 
 def world() -> tuple[int, int]:
@@ -28,14 +26,10 @@ def init_from_env(device: str) -> tuple[int, int, str]:
 
     Returns (rank, world size, device); on cuda each process takes the GPU ``cuda:LOCAL_RANK``.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1 or (dist.is_available() and dist.is_initialized()):
-        rank, size = world()
-        return rank, size, _local_device(device)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, size = world()
     return rank, size, _local_device(device)
 
@@ -62,24 +56,6 @@ def gather(obj: object) -> list[object]:
     return out
 
 
-def _to_cpu(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    return {k: {kk: v.detach().cpu() for kk, v in s.items()} for k, s in states.items()}
-
-
-def merge_chunks(local: dict[int, dict[str, Moments]]) -> dict[str, Moments]:
-    """Gather {chunk index: {key: Moments}} from all ranks and merge each key over the chunks in index order."""
-    sent = {j: _to_cpu({k: m.state() for k, m in d.items()}) for j, d in local.items()}
-    every: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
-    for part in gather(sent):
-        every.update(part)  # type: ignore[arg-type]
-    merged: dict[str, Moments] = {}
-    for j in sorted(every):
-        for key, state in every[j].items():
-            m = Moments.from_state(state)
-            merged[key] = m if key not in merged else merged[key].merge(m)
-    return merged
-
-
 def shutdown() -> None:
     """Leave the process group (torchrun runs) so the processes exit cleanly: wait for every rank first, since a
     rank that tears its connections down while another still uses them aborts the other (gloo)."""
@@ -90,4 +66,4 @@ def shutdown() -> None:
             dist.destroy_process_group()
 
 
-__all__ = ["shutdown", "gather", "init_from_env", "merge_chunks", "my_chunks", "world"]
+__all__ = ["shutdown", "gather", "init_from_env", "my_chunks", "world"]

@@ -16,8 +16,7 @@ from torch import Tensor
 from ..exact import enumerate_sequences
 from .calibration import Enumerated
 from .models import LLMError
-from .policy import reference_mode
-from .run import REFERENCE_KEY, Setup, forward_grads, sample_grads
+from .run import REFERENCE_KEY, Setup, _ref_logp_full, forward_grads, sample_grads
 from .sample import Generation, score_logits
 
 
@@ -56,8 +55,7 @@ def exact_expectations(setup: Setup, length: int, dtype: str = "float32", max_re
         gen = Generation(prompt, torch.ones_like(prompt), tokens, torch.ones(tokens.shape, device=device))
         with torch.no_grad():
             lp = torch.log_softmax(score_logits(model, gen, dtype), -1)
-            with reference_mode(model):
-                lr = torch.log_softmax(score_logits(model, gen, dtype), -1)
+        lr = _ref_logp_full(setup, gen, dtype)  # pi_ref: the LoRA switched off, or the --reference model
         idx = tokens.unsqueeze(-1)
         lps.append(lp.gather(-1, idx).squeeze(-1).sum(1).to(torch.float64))  # (n,) log pi(y)
         lrs.append(lr.gather(-1, idx).squeeze(-1).sum(1).to(torch.float64))  # (n,) log pi_ref(y)

@@ -9,31 +9,10 @@ from pathlib import Path
 from ..io import atomic_write_figure, csv_text
 from ..plotting import png_bytes
 
-FIELDS = [
-    "config",
-    "label",
-    "n",
-    "rel_bias_along_reference",
-    "ci_low",
-    "ci_high",
-    "rel_bias_toward_forward_token",
-    "toward_ci_low",
-    "toward_ci_high",
-    "rel_bias_norm",
-    "rel_bias_norm_ci_low",
-    "rel_bias_norm_ci_high",
-    "p_value_raw",
-    "p_value",
-    "biased",
-    "verdict",
-    "detectable_rel_bias",
-    "variance",
-    "rel_variance",
-    "cos_reverse",
-    "cos_forward",
-    "cos_forward_token",
-    "test_method",
-]
+FIELDS = ["config", "label", "n", "rel_bias_along_reference", "ci_low", "ci_high", "rel_bias_toward_forward_token",
+          "toward_ci_low", "toward_ci_high", "rel_bias_norm", "rel_bias_norm_ci_low", "rel_bias_norm_ci_high",
+          "p_value_raw", "p_value", "biased", "verdict", "detectable_rel_bias", "variance", "rel_variance",
+          "cos_reverse", "cos_forward", "cos_forward_token", "test_method"]
 
 
 def _png(report: dict) -> bytes:

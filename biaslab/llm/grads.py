@@ -19,7 +19,9 @@ Linear statistics (means, biases, cosines up to the sketch's distortion) carry o
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +29,9 @@ from torch import Tensor, nn
 
 from ..placements import Coefficients
 from .models import LLMError
-from .policy import LoRALinear, lora_modules
+from .policy import LoRALinear, is_linear, lora_modules
 
 AUTO_LAST_BLOCKS = 4  # ``auto``: LoRA of every block up to 8 blocks, else of the last 4 (backward stops there)
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -89,7 +87,7 @@ def select_params(model: nn.Module, spec: str) -> ParamSubset:
         names = [
             f"{prefix}.{mn}.{pn}"
             for mn, m in block.named_modules()
-            if _is_linear(m)
+            if is_linear(m)
             for pn, _ in m.named_parameters(recurse=False)
         ]
     else:
@@ -113,7 +111,7 @@ def select_params(model: nn.Module, spec: str) -> ParamSubset:
         mod_name, pname = n.rsplit(".", 1)
         mod = mod_by_name[mod_name]
         ok = (isinstance(mod, LoRALinear) and pname in ("lora_A", "lora_B")) or (
-            _is_linear(mod) and pname in ("weight", "bias")
+            is_linear(mod) and pname in ("weight", "bias")
         )
         if not ok:
             method = "loop"
@@ -149,10 +147,9 @@ class Sketch:
 
     def project(self, per_param: list[Tensor]) -> Tensor:
         """(B, k) projections from per-parameter per-sample gradients [(B, *shape_j)]."""
-        B = per_param[0].shape[0]
-        out = torch.zeros((B, self.k), dtype=torch.float64, device=per_param[0].device)
-        for g, idx, w in zip(per_param, self.index, self.weight):
-            out.index_add_(1, idx, g.reshape(B, -1).to(torch.float64) * w)
+        out = torch.zeros((per_param[0].shape[0], self.k), dtype=torch.float64, device=per_param[0].device)
+        for j, g in enumerate(per_param):
+            self.project_one(out, j, g)
         return out
 
 
@@ -187,14 +184,23 @@ class PerSampleGrads:
         self.subset = subset
         self.sketch = sketch
         self._saved: dict[str, tuple[Tensor, Tensor]] = {}
-        self._handles: list = []
 
     @property
     def dim(self) -> int:
         return self.sketch.k if self.sketch is not None else self.subset.numel
 
-    def recording(self) -> _Recording:
-        return _Recording(self)
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[PerSampleGrads]:
+        """Within the block, the owners' forward hooks save their inputs and outputs (the parameters require grad)."""
+        self._saved = {}
+        for p in self.subset.params:
+            p.requires_grad_(True)
+        handles = [mod.register_forward_hook(self._hook(name)) for name, mod in self.subset.owners.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
     def _hook(self, name: str):
         def fn(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -208,8 +214,6 @@ class PerSampleGrads:
         """(B, dim) float64 per-sample gradients sum_{t,v} dz_tv grad z_tv of every sample of the batch. ``logits``
         may be any (B, ...) output of the recorded pass (e.g. the hidden states before the head, with the cotangent
         dz @ W_head)."""
-        if self.subset.method == "loop":
-            return self.loop_grads(logits, dz)
         return self.grads_stack(logits, dz.unsqueeze(0))[0]
 
     def grads_stack(self, root: Tensor, cots: Tensor, chunk: int = 8) -> list[Tensor]:
@@ -283,25 +287,6 @@ class PerSampleGrads:
         return torch.cat([g.reshape(B, -1).to(torch.float64) for g in per_param], 1)  # (B, P)
 
 
-class _Recording:
-    def __init__(self, psg: PerSampleGrads) -> None:
-        self.psg = psg
-
-    def __enter__(self) -> PerSampleGrads:
-        psg = self.psg
-        psg._saved = {}
-        for p in psg.subset.params:
-            p.requires_grad_(True)
-        for name, mod in psg.subset.owners.items():
-            psg._handles.append(mod.register_forward_hook(psg._hook(name)))
-        return psg
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.psg._handles:
-            h.remove()
-        self.psg._handles = []
-
-
 def make_sketch(subset: ParamSubset, max_dense: int, k: int, seed: int) -> Sketch | None:
     """A Sketch when the subset has more than ``max_dense`` numbers, else None (dense gradients)."""
     if subset.numel <= max_dense:
@@ -312,11 +297,5 @@ def make_sketch(subset: ParamSubset, max_dense: int, k: int, seed: int) -> Sketc
 
 
 __all__ = [
-    "ParamSubset",
-    "PerSampleGrads",
-    "Sketch",
-    "decoder_blocks",
-    "logit_cotangent",
-    "make_sketch",
-    "select_params",
+    "ParamSubset", "PerSampleGrads", "Sketch", "decoder_blocks", "logit_cotangent", "make_sketch", "select_params",
 ]

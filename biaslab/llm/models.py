@@ -129,17 +129,9 @@ def tiny_random_model(kind: str = "llama", vocab_size: int = 16, seed: int = 0) 
         cls = transformers.GPT2LMHeadModel
     elif kind == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1,
         )
         cls = transformers.LlamaForCausalLM
     else:
@@ -225,13 +217,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 __all__ = [
-    "LLMError",
-    "LoadedModel",
-    "MODEL_CHOICES",
-    "TINY_MODELS",
-    "cache_dir",
-    "load_model",
-    "resolve_device",
-    "smollm2_dir",
-    "tiny_random_model",
+    "LLMError", "LoadedModel", "MODEL_CHOICES", "TINY_MODELS", "cache_dir", "load_model", "resolve_device",
+    "smollm2_dir", "tiny_random_model",
 ]

@@ -26,13 +26,18 @@ from .models import LLMError
 DEFAULT_TARGETS = ("q_proj", "v_proj", "c_attn")
 
 
+def is_linear(m: nn.Module) -> bool:
+    """An nn.Linear or a transformers Conv1D (out = x @ W + b, weight stored transposed: (d_in, d_out))."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
 def _linear_dims(base: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear or a transformers Conv1D (weight stored transposed, (d_in, d_out))."""
+    """(d_in, d_out) of an nn.Linear or a transformers Conv1D."""
+    if not is_linear(base):
+        raise LLMError(f"LoRA adapts nn.Linear or Conv1D modules, not {type(base).__name__}")
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
-    if type(base).__name__ == "Conv1D":
-        return int(base.weight.shape[0]), int(base.weight.shape[1])
-    raise LLMError(f"LoRA adapts nn.Linear or Conv1D modules, not {type(base).__name__}")
+    return int(base.weight.shape[0]), int(base.weight.shape[1])
 
 
 class LoRALinear(nn.Module):
@@ -71,9 +76,7 @@ def attach_lora(
     found: dict[str, LoRALinear] = {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear) or not any(fnmatch.fnmatch(child_name, t) for t in targets):
-                continue
-            if not (isinstance(child, nn.Linear) or type(child).__name__ == "Conv1D"):
+            if not is_linear(child) or not any(fnmatch.fnmatch(child_name, t) for t in targets):
                 continue
             lora = LoRALinear(child, rank, alpha)
             setattr(parent, child_name, lora)
@@ -184,14 +187,6 @@ def train_lora(
 
 
 __all__ = [
-    "DEFAULT_TARGETS",
-    "LoRALinear",
-    "attach_lora",
-    "broadcast_lora",
-    "lora_modules",
-    "perturb_lora",
-    "reference_mode",
-    "reward_tokens",
-    "scale_lora",
-    "train_lora",
+    "DEFAULT_TARGETS", "LoRALinear", "attach_lora", "broadcast_lora", "is_linear", "lora_modules", "perturb_lora",
+    "reference_mode", "reward_tokens", "scale_lora", "train_lora",
 ]

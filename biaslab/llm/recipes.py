@@ -138,30 +138,23 @@ def _loss_rule(opts, spec: str) -> LLMRule:
 def rule_coefficients(r: LLMRule, lp: Tensor, lr: Tensor, mask: Tensor, whiten: tuple[float, float] | None
                       ) -> Tensor:
     """(B, L) a = dL/dlogp of each group's loss on the batch's consecutive groups of ``r.group_size`` (float64
-    autograd; on-policy: old_logp = logp in value; task rewards 0); 0 on padding. ``lp``/``lr`` are the sampled
-    tokens' log-probs, ``mask`` 1 on response tokens."""
-    from ..recipes import RecipeError
-    from ..userloss import UserLossError
+    autograd, ``placements.loss_coefficients``; on-policy: old_logp = logp in value; task rewards 0); 0 on padding.
+    ``lp``/``lr`` are the sampled tokens' log-probs, ``mask`` 1 on response tokens."""
+    from ..placements import loss_coefficients
 
     B, L = lp.shape
     g = r.group_size
     if B % g:
         raise LLMError(f"{r.label}: a micro-batch of {B} responses does not hold whole groups of {g}")
     m = mask.to(torch.float64).reshape(B // g, g, L)
-    x = (lp.detach().to(torch.float64).reshape(B // g, g, L) * m).clone().requires_grad_(True)
+    x = lp.detach().to(torch.float64).reshape(B // g, g, L) * m
     ref = lr.detach().to(torch.float64).reshape(B // g, g, L) * m
     if r.needs_whitening and whiten is None:
         raise LLMError(f"{r.label}: whitened advantages need the population statistics (internal error)")
-    try:
-        loss = r.rule.batch_loss(x, x.detach(), ref, m, None, whiten if r.needs_whitening else None)  # (G,)
-    except (RecipeError, UserLossError) as exc:
+    try:  # RecipeError, UserLossError, a loss of the wrong shape or non-finite (e.g. a zero group std)
+        a = loss_coefficients(r.rule, x, x, ref, m, None, None, whiten if r.needs_whitening else None).tok * m
+    except ValueError as exc:
         raise LLMError(f"{r.label}: {exc}") from None
-    if loss.shape != (B // g,):
-        raise LLMError(f"{r.label}: the loss has shape {tuple(loss.shape)}, expected one value per group")
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise LLMError(f"{r.label}: the loss is non-finite (NaN/inf) for some group, e.g. a zero group std")
-    (a,) = torch.autograd.grad(loss.sum(), x, allow_unused=True) if loss.requires_grad else (None,)
-    a = torch.zeros_like(x) if a is None else a * m
     if not bool(torch.isfinite(a).all()):
         raise LLMError(f"{r.label}: the update is non-finite (NaN/inf) for some group")
     return a.reshape(B, L)

@@ -31,6 +31,8 @@ kept as (n, P) rows (P = projected dimension), so statistics are exact and ident
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 import warnings
@@ -172,22 +174,19 @@ class LLMOptions:
     def n_dir(self) -> int:
         if self.direction_samples is not None:
             return self.direction_samples
-        g = int(self.extra.get("group", 1))
-        return -(-max(16, self.samples // 2) // g) * g  # whole groups
+        return _round_up(max(16, self.samples // 2), int(self.extra.get("group", 1)))  # whole groups
 
     @property
     def micro_batch(self) -> int:
         """--batch-size rounded up to whole groups of the recipes."""
-        g = int(self.extra.get("group", 1))
-        return -(-self.batch_size // g) * g
+        return _round_up(self.batch_size, int(self.extra.get("group", 1)))
 
     @property
     def gen_batch(self) -> int:
         """Responses generated at once (a multiple of the micro-batch): sampling step by step is dominated by
         per-step costs, so bigger generation batches are much cheaper per response on a CPU."""
         b = self.micro_batch
-        want = self.generation_batch if self.generation_batch is not None else max(b, 64)
-        return -(-want // b) * b
+        return _round_up(self.generation_batch if self.generation_batch is not None else max(b, 64), b)
 
     def resolve(self) -> None:
         """Fill the defaults that depend on the model."""
@@ -204,10 +203,7 @@ class LLMOptions:
             raise LLMError("--configs is empty; give at least one estimator:placement")
         for text in self.configs:
             parse_config(text)  # unknown names fail here, before any model is loaded
-        group = 1
-        for r in build_rules(self):  # unknown frameworks, keys, loss files fail here too
-            group = math.lcm(group, r.group_size)
-        self.extra["group"] = group
+        _, group = _rules_and_group(self)  # unknown frameworks, keys, loss files fail here too
         if self.samples % group:
             raise LLMError(f"--samples {self.samples} is not a multiple of the recipes' group size {group} "
                            "(each group of consecutive responses shares a prompt)")
@@ -233,10 +229,20 @@ class LLMOptions:
             raise LLMError(f"--generation-batch must be >= 1, got {self.generation_batch}")
         if self.reference is not None and (self.train_steps or self.target_kl is not None):
             raise LLMError("--reference gives a fixed checkpoint pair: --target-kl and --train-steps need the LoRA")
+        if self.reference is not None and self.params == "lora":
+            raise LLMError("--reference: the policy checkpoint has no LoRA adapter; choose --params last-layer or "
+                           "parameter names")
 
 
-def _weights_dtype(opts: LLMOptions) -> str:
-    return "float64" if opts.dtype == "float64" else opts.weights_dtype
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _rules_and_group(opts: LLMOptions) -> tuple[list[LLMRule], int]:
+    """The recipes' rules and their group (the lcm of their group sizes, 1 without rules), recorded in ``opts``."""
+    rules = build_rules(opts)
+    opts.extra["group"] = math.lcm(1, *(r.group_size for r in rules))
+    return rules, opts.extra["group"]
 
 
 # ---------------------------------------------------------------------------------------------- masking
@@ -298,6 +304,11 @@ class Setup:
     whiten: dict = field(default_factory=dict)  # (rule key, length) -> population (mean, std) of its advantages
 
     @property
+    def reference_model(self):
+        """pi_ref: the --reference model, else the policy (its LoRA is switched off with ``reference_mode``)."""
+        return self.ref_model if self.ref_model is not None else self.loaded.model
+
+    @property
     def head_in_subset(self) -> bool:
         """True when a differentiated parameter belongs to the output head (tied embeddings included)."""
         head = self.loaded.model.get_output_embeddings()
@@ -321,14 +332,12 @@ def build(opts: LLMOptions, device: str) -> Setup:
     """Load the model, attach and set the LoRA adapter (the policy), choose parameters and configurations."""
     opts.resolve()
     configs = {c.key: c for c in (parse_config(t) for t in opts.configs)}
-    rules = {r.key: r for r in build_rules(opts)}
-    group = 1
-    for r in rules.values():
-        group = math.lcm(group, r.group_size)
-    opts.extra["group"] = group
-    wd = _weights_dtype(opts)
-    loaded = load_model(opts.model, device=device, dtype=wd, seed=opts.seed, vocab_size=opts.vocab_size,
-                        progress=opts.progress)
+    rule_list, group = _rules_and_group(opts)
+    rules = {r.key: r for r in rule_list}
+    weights = "float64" if opts.dtype == "float64" else opts.weights_dtype
+    load = functools.partial(load_model, device=device, dtype=weights, seed=opts.seed, vocab_size=opts.vocab_size,
+                             progress=opts.progress)
+    loaded = load(opts.model)
     model = loaded.model
     prompts = _prompts(opts, loaded)
     use_eos = opts.eos if opts.eos is not None else opts.model not in TINY_MODELS
@@ -337,19 +346,15 @@ def build(opts: LLMOptions, device: str) -> Setup:
     info: dict = {}
     ref_model = None
     if opts.reference is not None:
-        ref = load_model(opts.reference, device=device, dtype=wd, seed=opts.seed, vocab_size=opts.vocab_size,
-                         progress=opts.progress)
+        ref = load(opts.reference)
         if ref.vocab_size != loaded.vocab_size:
             raise LLMError(f"--reference has vocabulary {ref.vocab_size}, --policy {loaded.vocab_size}: not a pair")
         ref_model = ref.model
-        if opts.params == "lora":
-            raise LLMError("--reference: the policy checkpoint has no LoRA adapter; choose --params last-layer or "
-                           "parameter names")
         info["source"] = f"checkpoint pair: policy {opts.model}, reference {opts.reference}"
     else:
         attach_lora(model, opts.lora_targets, opts.lora_rank, alpha=float(opts.lora_rank))
-        perturb_lora(model, default_perturb(opts), opts.seed)
         info["perturb"] = default_perturb(opts)
+        perturb_lora(model, info["perturb"], opts.seed)
         if opts.train_steps > 0:
             history = train_lora(model, prompts, steps=opts.train_steps, lr=opts.train_lr, batch=opts.batch_size,
                                  max_new_tokens=opts.max_new_tokens, seed=opts.seed, eos=eos,
@@ -404,13 +409,8 @@ def reach_target_kl(setup: Setup, opts: LLMOptions, pilot: int = 32, rounds: int
 
 def _ref_logp_full(setup: Setup, gen: Generation, dtype: str) -> Tensor:
     """(B, L, V) log pi_ref(. | x, y_<t), float32 (or float64), no graph."""
-    with torch.no_grad():
-        if setup.ref_model is not None:
-            logits = score_logits(setup.ref_model, gen, dtype)
-        else:
-            with reference_mode(setup.loaded.model):
-                logits = score_logits(setup.loaded.model, gen, dtype)
-        return logits.log_softmax(-1)
+    with torch.no_grad(), reference_mode(setup.reference_model):
+        return score_logits(setup.reference_model, gen, dtype).log_softmax(-1)
 
 
 def _slices(L: int):
@@ -488,7 +488,7 @@ class _Scored:
 
     def __init__(self, setup: Setup, gen: Generation, dtype: str, stacked: bool, need_ref: bool = True) -> None:
         model = setup.loaded.model
-        self.setup, self.gen = setup, gen
+        self.setup = setup
         self.stacked = stacked and not setup.head_in_subset
         self.lr_full = _ref_logp_full(setup, gen, dtype) if need_ref else None  # (B, L, V)
         with setup.psg.recording():
@@ -502,7 +502,6 @@ class _Scored:
             self.lr_full = self.lr_full.to(self.logits.dtype)
         self.tokens, self.mask = gen.completion, gen.mask.to(self.logits.dtype)  # (B, L)
         self.W = model.get_output_embeddings().weight.detach()  # (V, d)
-        self._pbar: Tensor | None = None
         self.kl: Tensor | None = None  # (B, L) exact next-token KLs, set by the caller
 
     # hidden-space pieces: dz @ W for the logit cotangents dz of the module docstring, one (B, L, V) matmul each
@@ -515,27 +514,28 @@ class _Scored:
             out[:, s] = f(s) @ W
         return out
 
+    @functools.cached_property
     def pbar(self) -> Tensor:
-        if self._pbar is None:
-            self._pbar = self._proj(lambda s: self.logits[:, s].softmax(-1))  # E_p[W_v] per position
-        return self._pbar
+        return self._proj(lambda s: self.logits[:, s].softmax(-1))  # E_p[W_v] per position
 
+    @functools.cached_property
     def score_dir(self) -> Tensor:
         """(B, L, d) W_{y_t} - E_p[W_v]: the hidden cotangent of log pi(y_t|y_<t) at each position."""
-        return self.W.to(self.logits.dtype)[self.tokens] - self.pbar()
+        return self.W.to(self.logits.dtype)[self.tokens] - self.pbar
 
+    @functools.cached_property
     def path_dir(self) -> Tensor:
         """(B, L, d) sum_v p_v (log p_v - log q_v - KL_t) W_v: the hidden cotangent of KL_t (pathwise)."""
-        kl = self.kl
 
         def f(s):
             logp = self.logits[:, s].log_softmax(-1)
-            return logp.exp() * (logp - self.lr_full[:, s] - kl[:, s].unsqueeze(-1))
+            return logp.exp() * (logp - self.lr_full[:, s] - self.kl[:, s].unsqueeze(-1))
         return self._proj(f)
 
+    @functools.cached_property
     def fwd_dir(self) -> Tensor:
         """(B, L, d) E_p[W_v] - E_q[W_v]: the hidden cotangent of -sum_v q_v log p_v."""
-        return self.pbar() - self._proj(lambda s: self.lr_full[:, s].exp())
+        return self.pbar - self._proj(lambda s: self.lr_full[:, s].exp())
 
 
 def sample_grads(setup: Setup, gen: Generation, dtype: str = "float32", keys: tuple[str, ...] | None = None,
@@ -564,17 +564,13 @@ def sample_grads(setup: Setup, gen: Generation, dtype: str = "float32", keys: tu
     alias: dict[str, str] = {}
     post: dict[str, tuple[LLMRule, int]] = {}
     values = value_rows(lp, lr, kl, mask)
-    lp_raw = None
     for cut in (None, *truncations):
         sfx = _suffix(cut)
         if cut is None:
             m, lp_c, kl_c = mask, lp, kl
-        else:
+        else:  # the response cut after ``cut`` tokens: the reference's log-probs (and KL 0) past it
             m = mask * (torch.arange(L, device=mask.device) < cut).to(mask.dtype)
-            if lp_raw is None:
-                with torch.no_grad():
-                    lp_raw = logits.detach().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-            lp_c, kl_c = torch.where(m.bool(), lp_raw, lr), kl * m
+            lp_c, kl_c = torch.where(m.bool(), lp, lr), kl * m
             extra[f"values{sfx}"] = value_rows(lp_c, lr, kl_c, m)
         done: list[tuple[Tensor, str]] = []
         for key in want:
@@ -625,21 +621,16 @@ def _grads_of_specs(sc: _Scored, specs: list) -> dict[str, Tensor]:
     psg = sc.setup.psg
     if not specs:
         return {}
-    if sc.stacked:
-        score = path = fwd = None
+    if sc.stacked:  # each hidden-space piece of _Scored is computed once, for the specs that need it
         cots = []
         for _, kind, payload, m in specs:
             if kind == "tok":
-                score = sc.score_dir() if score is None else score
-                cots.append(payload.unsqueeze(-1) * score)
+                cots.append(payload.unsqueeze(-1) * sc.score_dir)
             elif kind == "ref":
-                score = sc.score_dir() if score is None else score
-                path = sc.path_dir() if path is None else path  # per position; masked below
                 rtg = payload.flip(-1).cumsum(-1).flip(-1) * m
-                cots.append(rtg.unsqueeze(-1) * score + path * m.unsqueeze(-1))
+                cots.append(rtg.unsqueeze(-1) * sc.score_dir + sc.path_dir * m.unsqueeze(-1))
             elif kind == "fwd":
-                fwd = sc.fwd_dir() if fwd is None else fwd
-                cots.append(fwd * m.unsqueeze(-1))
+                cots.append(sc.fwd_dir * m.unsqueeze(-1))
             else:  # full coefficients: the (B, L, V) cotangent, through the head
                 dz = logit_cotangent(payload, sc.tokens, sc.logits, m)
                 cots.append(dz @ sc.W.to(dz.dtype))
@@ -691,20 +682,10 @@ def _generate(setup: Setup, opts: LLMOptions, start: int, stop: int, stream: int
               ) -> Generation:
     idx = list(range(start, stop))
     prompts = [setup.prompts[(i // setup.group) % len(setup.prompts)] for i in idx]  # a group shares its prompt
-    loaded = setup.loaded
-    seeds = [(opts.seed, stream, i) for i in idx]
-    if reference and setup.ref_model is not None:
-        return generate(setup.ref_model, prompts, opts.max_new_tokens, sample_seeds=seeds, eos=setup.eos,
-                        pad=loaded.pad_token_id, dtype=opts.dtype)
-    with reference_mode(loaded.model) if reference else _nullcontext():
-        return generate(loaded.model, prompts, opts.max_new_tokens, sample_seeds=seeds, eos=setup.eos,
-                        pad=loaded.pad_token_id, dtype=opts.dtype)
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
+    model = setup.reference_model if reference else setup.loaded.model
+    with reference_mode(model) if reference else contextlib.nullcontext():
+        return generate(model, prompts, opts.max_new_tokens, sample_seeds=[(opts.seed, stream, i) for i in idx],
+                        eos=setup.eos, pad=setup.loaded.pad_token_id, dtype=opts.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- numeric floor
@@ -735,12 +716,6 @@ def numeric_floor(setup: Setup, gen: Generation, opts: LLMOptions) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the pass
-
-
-def _set_tf32(allow: bool) -> None:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = allow
-        torch.backends.cudnn.allow_tf32 = allow
 
 
 def _gather_rows(local: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -790,7 +765,8 @@ def collect(opts: LLMOptions) -> tuple[dict[str, dict[str, Tensor]], Setup, dict
     from tqdm.auto import tqdm
 
     opts.validate()
-    _set_tf32(opts.allow_tf32)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = opts.allow_tf32
     rank, size, device = D.init_from_env(opts.device)
     torch.manual_seed(opts.seed)
     setup = build(opts, device)
@@ -854,8 +830,7 @@ def config_rows(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptio
     intervals, variance and cosines; and the reference rows' mean."""
     sfx = _suffix(cut)
     main = dict(rows["main"])
-    dirs = Directions(rows["directions"][REFERENCE_KEY + sfx].mean(0),
-                      rows["directions"][FORWARD_TOKEN_KEY + sfx].mean(0), rows["forward"][FORWARD_KEY + sfx].mean(0))
+    dirs = _directions(rows, sfx)
     ref = main[REFERENCE_KEY + sfx]
     main["reference"] = ref
     refs = {}
@@ -865,31 +840,33 @@ def config_rows(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptio
         refs[key + sfx] = name
     keys = [k + sfx for k in (*setup.configs, *setup.rules)]
     stats_rows = analyze(main, keys, dirs, alpha=opts.alpha, seed=opts.seed, n_boot=opts.bootstrap, references=refs)
-    f, f_tok = dirs.f_dir, dirs.ftok_dir
     out_rows = []
     for key, srow in zip((*setup.configs, *setup.rules), stats_rows):
         g = main[key + sfx]
         r = main[refs.get(key + sfx, "reference")].mean(0)
-        r_sq = max(float(r @ r), 1e-300)
-        mean = g.mean(0)
-        var = float(g.var(0).sum())
-        extra = {}
-        if key in setup.rules:
-            rule = setup.rules[key]
-            extra = {"recipe": rule.description, "group_size": rule.group_size, "groups": int(g.shape[0]),
-                     "notes": rule.notes, "nominal_scale_length": cut or setup.max_new_tokens}
+        mean, var = g.mean(0), float(g.var(0).sum())
+        rule = setup.rules.get(key)
+        extra = {} if rule is None else {
+            "recipe": rule.description, "group_size": rule.group_size, "groups": int(g.shape[0]),
+            "notes": rule.notes, "nominal_scale_length": cut or setup.max_new_tokens}
         out_rows.append({
             "config": key,
-            "label": setup.rules[key].label if key in setup.rules else setup.configs[key].label,
+            "label": (setup.configs[key] if rule is None else rule).label,
             **{k: v for k, v in srow.items() if k != "config"},
             "variance": var,
-            "rel_variance": var / r_sq,
+            "rel_variance": var / max(float(r @ r), 1e-300),
             "cos_reverse": cosine(mean, r),
-            "cos_forward": cosine(mean, f),
-            "cos_forward_token": cosine(mean, f_tok),
+            "cos_forward": cosine(mean, dirs.f_dir),
+            "cos_forward_token": cosine(mean, dirs.ftok_dir),
             **extra,
         })
     return out_rows, ref.mean(0)
+
+
+def _directions(rows: dict[str, dict[str, Tensor]], sfx: str = "") -> Directions:
+    """The fixed test directions (means of the direction and forward sample sets), at truncation suffix ``sfx``."""
+    return Directions(rows["directions"][REFERENCE_KEY + sfx].mean(0),
+                      rows["directions"][FORWARD_TOKEN_KEY + sfx].mean(0), rows["forward"][FORWARD_KEY + sfx].mean(0))
 
 
 def truncation_sweep(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions, full: dict) -> dict | None:
@@ -937,24 +914,20 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
     ref = main[REFERENCE_KEY]
     n = ref.shape[0]
     r_sq = max(float(r @ r), 1e-300)
-    dirs = Directions(rows["directions"][REFERENCE_KEY].mean(0), rows["directions"][FORWARD_TOKEN_KEY].mean(0),
-                      rows["forward"][FORWARD_KEY].mean(0))
-    f, f_tok = dirs.f_dir, dirs.ftok_dir
-    v = main["values"]  # (n, 8)
+    dirs = _directions(rows)
+    v = main["values"]  # (n, 8): the columns of ``value_rows``
     values = {}
     for i, name in enumerate(VALUE_ESTIMATORS):
-        j = 1 + i
-        diff = v[:, j] - v[:, 0]
+        seq, diff = v[:, 1 + i], v[:, 1 + i] - v[:, 0]
         values[name] = {
-            "mean_sequence_value": float(v[:, j].mean()),
-            "se": float(v[:, j].std() / math.sqrt(n)),
+            "mean_sequence_value": float(seq.mean()),
+            "se": float(seq.std() / math.sqrt(n)),
             "bias_vs_exact": float(diff.mean()),
             "bias_se": float(diff.std() / math.sqrt(n)),
             "token_rmse_vs_exact": math.sqrt(float(v[:, 4 + i].sum()) / max(float(v[:, 7].sum()), 1.0)),
-            "sequence_std": float(v[:, j].std()),
+            "sequence_std": float(seq.std()),
         }
     kl_mean, kl_se = float(v[:, 0].mean()), float(v[:, 0].std() / math.sqrt(n))
-    lengths = v[:, 7]
     warn = []
     if n < MIN_CALIBRATED_SAMPLES:
         warn.append(f"--samples {n} is below {MIN_CALIBRATED_SAMPLES}, the smallest sample size at which the test "
@@ -995,15 +968,15 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
         "sequence_kl": {"mean": kl_mean, "se": kl_se,
                         "direction": "KL(pi_theta || pi_ref), sum of exact per-token KLs over y ~ pi_theta"},
         "numeric_floor": floor,
-        "mean_response_tokens": float(lengths.mean()),
+        "mean_response_tokens": float(v[:, 7].mean()),
         "ended_at_eos": ended,
         "reference": {
             "config": ":".join(REFERENCE_CONFIG),
             "norm": math.sqrt(r_sq),
             "rel_se": math.sqrt(float(ref.var(0).sum()) / n) / math.sqrt(r_sq),
             "cos_directions_estimate": cosine(r, dirs.r_dir),
-            "cos_forward": cosine(r, f),
-            "cos_forward_token": cosine(r, f_tok),
+            "cos_forward": cosine(r, dirs.f_dir),
+            "cos_forward_token": cosine(r, dirs.ftok_dir),
         },
         "train_rewards": setup.train_history,
         "configs": out_rows,

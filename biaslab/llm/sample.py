@@ -279,19 +279,6 @@ def rows(gen: Generation, index: Tensor) -> Generation:
 
 
 __all__ = [
-    "DEFAULT_PROMPTS",
-    "Generation",
-    "autocast",
-    "encode_prompts",
-    "generate",
-    "head_logits",
-    "random_prompts",
-    "read_prompts",
-    "rows",
-    "score_hidden",
-    "score_logits",
-    "trim",
-    "sample_tokens",
-    "stream_seed",
-    "uniforms",
+    "DEFAULT_PROMPTS", "Generation", "autocast", "encode_prompts", "generate", "head_logits", "random_prompts",
+    "read_prompts", "rows", "score_hidden", "score_logits", "trim", "sample_tokens", "stream_seed", "uniforms",
 ]
