@@ -336,9 +336,7 @@ class ExactEngine:
         max_bytes: int | None = None,
         max_groups: int = MAX_GROUPS,
     ) -> None:
-        check_models(policy, ref, behaviour)
-        if int(group_size) < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        check_models(policy, ref, behaviour, group_size, eos)
         self.policy, self.ref, self.behaviour = policy, ref, behaviour
         self.V, self.T, self.eos, self.B = policy.vocab_size, policy.length, eos, int(group_size)
         self.params = [p for p in policy.parameters() if p.requires_grad]
@@ -674,8 +672,7 @@ class ExactEngine:
             self._value_grads[key] = self._sum_chunks(lambda sub: sub.expected_value_grad(config))
             return self._value_grads[key]
         view = Recipe(loss_estimator=est, loss_coef=1.0, level=config.level)
-        m, lr = self.mask, self.logp_ref
-        w = self.weights
+        m, lr, w = self.mask, self.logp_ref, self.weights
         values, d_tok, d_full = self._kl_values(est, config.level)
         big_k = values if config.level == "sequence" else (values * m).sum(-1)  # (N,) K(y)
         if est.needs_full_logits:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .placements import Coefficients, KLConfig, loss_coefficients, make_config
 from .stats import Moments
-from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR, check_models, per_sample_grads
+from .toy import DTYPE, AutoregressiveModel, TabularAR, check_models, per_sample_grads
 
 
 @torch.no_grad()
@@ -47,9 +47,8 @@ def _tabular_grads(model: TabularAR, tokens: Tensor, logp_full: Tensor, coef: Co
     """(n, P) per-sample gradients of a tabular model, or (n, k) projections on the rows of q (k, P): each token's
     block ``TabularAR.coefficient_blocks`` placed at its prefix row."""
     n = tokens.shape[0]
-    V = model.vocab_size
     block = model.coefficient_blocks(tokens, coef.tok, coef.full, logp_full)  # (n, T, V)
-    cols = (model.param_offsets() + model.prefix_rows(tokens) * V).unsqueeze(-1) + torch.arange(V)  # (n, T, V)
+    cols = model.block_columns(tokens)  # (n, T, V) flat parameter indices
     if q is None:
         out = torch.zeros(n, model.n_params(), dtype=block.dtype)
         out.scatter_add_(1, cols.reshape(n, -1), block.reshape(n, -1))
@@ -77,11 +76,7 @@ class MonteCarloEngine:
         eos: int | None = None,
         group_size: int = 1,
     ) -> None:
-        check_models(policy, ref, behaviour)
-        if int(group_size) < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        if eos is not None and not 0 <= eos < policy.vocab_size:
-            raise ModelError(f"eos must be a token id in [0, {policy.vocab_size}); got {eos}")
+        check_models(policy, ref, behaviour, group_size, eos)
         self.policy, self.ref, self.behaviour = policy, ref, behaviour
         self.eos, self.B = eos, int(group_size)
         self.n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -153,12 +148,9 @@ class MonteCarloEngine:
             done = 0
             while done < n:
                 m = min(max(1, batch_size // self.B), n - done)
-                if self.eos is None and self.B == 1:
-                    yield self.grads_for(config, self.sample(m, generator), projection)
-                else:
-                    tokens, mask = self.sample_complete(m * self.B, generator)
-                    T = tokens.shape[1]
-                    yield self.group_grads(config, tokens.view(m, self.B, T), mask.view(m, self.B, T), projection)
+                tokens, mask = self.sample_complete(m * self.B, generator)  # mask all ones without EOS
+                T = tokens.shape[1]
+                yield self.group_grads(config, tokens.view(m, self.B, T), mask.view(m, self.B, T), projection)
                 done += m
                 bar.update(m)
 

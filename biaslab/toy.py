@@ -133,19 +133,28 @@ class AutoregressiveModel(nn.Module):
 
 
 def check_models(
-    policy: AutoregressiveModel, ref: AutoregressiveModel, behaviour: AutoregressiveModel | None = None
+    policy: AutoregressiveModel,
+    ref: AutoregressiveModel,
+    behaviour: AutoregressiveModel | None = None,
+    group_size: int = 1,
+    eos: int | None = None,
 ) -> None:
-    """Refuse a reference or behaviour model of another V or T than the policy, or non-finite logits."""
+    """Refuse (before an engine allocates anything) a reference or behaviour model of another V or T than the
+    policy, a group size below 1, non-finite logits, or an EOS id outside the vocabulary."""
     for what, m in (("reference", ref), ("behaviour", behaviour)):
         if m is not None and (m.vocab_size, m.length) != (policy.vocab_size, policy.length):
             raise ModelError(
                 f"policy and {what} disagree: policy V={policy.vocab_size}, T={policy.length}; "
                 f"{what} V={m.vocab_size}, T={m.length}"
             )
+    if int(group_size) < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     policy.check_finite("policy")
     ref.check_finite("reference", reference=True)
     if behaviour is not None:
         behaviour.check_finite("behaviour", reference=True)
+    if eos is not None and not 0 <= eos < policy.vocab_size:
+        raise ModelError(f"eos must be a token id in [0, {policy.vocab_size}); got {eos}")
 
 
 def _draw(logp: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -294,6 +303,11 @@ class TabularAR(AutoregressiveModel):
         V = self.vocab_size
         return torch.tensor([sum(V**s * V for s in range(t)) for t in range(self.length)], dtype=torch.long)
 
+    def block_columns(self, tokens: Tensor) -> Tensor:
+        """(N, T, V) flat parameter index of each entry of a token's block (the V logits of its prefix row)."""
+        V = self.vocab_size
+        return (self.param_offsets() + self.prefix_rows(tokens) * V).unsqueeze(-1) + torch.arange(V)
+
     def token_logp_jacobian(
         self, tokens: Tensor, mask: Tensor | None = None, logp_full: Tensor | None = None
     ) -> Tensor:
@@ -302,15 +316,11 @@ class TabularAR(AutoregressiveModel):
         torch.func.jacrev of the gathered log-probabilities without importing torch._dynamo (about 1.2 s of CPU
         on the first torch.func call). Memory N * T * P floats; ``logp_full`` (N, T, V) spares a forward pass."""
         N, T = tokens.shape
-        V = self.vocab_size
-        p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
-        block = -p
-        block.scatter_add_(-1, tokens.unsqueeze(-1), torch.ones_like(p[..., :1]))  # e_y - p, (N, T, V)
+        block = self.coefficient_blocks(tokens, torch.ones(N, T, dtype=DTYPE), None, logp_full)  # e_y - p, (N, T, V)
         if mask is not None:
             block = block * mask.to(block.dtype).unsqueeze(-1)
-        cols = (self.param_offsets() + self.prefix_rows(tokens) * V).unsqueeze(-1) + torch.arange(V)  # (N, T, V)
         jac = torch.zeros(N, T, self.n_params(), dtype=block.dtype)
-        jac.scatter_(-1, cols, block)  # each (n, t) writes its own V columns: no collisions
+        jac.scatter_(-1, self.block_columns(tokens), block)  # each (n, t) writes its own V columns: no collisions
         return jac  # (N, T, P)
 
     def weighted_grad(
