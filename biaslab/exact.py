@@ -40,7 +40,7 @@ from torch import Tensor
 from . import toy
 from .placements import Coefficients, TokenBatch, input_grads, loss_coefficients, make_config
 from .recipes import Recipe, advantages, kl_credit, sequence_values, token_values
-from .toy import DTYPE, AutoregressiveModel, ModelError, check_models
+from .toy import DTYPE, AutoregressiveModel, ModelError, at_tokens, check_models
 from .verdict import DIRECTIONS, Directions, Verdict, exact_verdict, true_gradient_is_zero
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("BIASLAB_MAX_BYTES", 4 * 2**30)))
@@ -397,15 +397,14 @@ class ExactEngine:
         """Per-response tensors of ``tokens`` (N, T): log-probabilities (the policy's with its graph), weights."""
         policy, ref, behaviour, eos = self.policy, self.ref, self.behaviour, self.eos
         self.tokens, self.mask = tokens, mask  # (N, T), (N, T)
-        index = self.tokens.unsqueeze(-1)  # (N, T, 1)
         enumerated = eos is None and self._full_enumeration  # all V**T sequences in base-V order
         self.logp_full = (policy.log_probs_enumerated if enumerated else policy.log_probs)(self.tokens)  # (N, T, V)
         with torch.no_grad():  # the policy's graph is kept for many backward passes, not the reference's
             self.logp_ref_full = (ref.log_probs_enumerated if enumerated else ref.log_probs)(self.tokens)  # (N, T, V)
-        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T), differentiable
+        self._logp_tok = at_tokens(self.logp_full, tokens) * self.mask  # (N, T), differentiable
         self._logp_full_det = self.logp_full.detach()  # (N, T, V)
         self.logp = self._logp_tok.detach()  # (N, T) masked log pi(y_t|y_<t)
-        self.logp_ref = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T) masked
+        self.logp_ref = at_tokens(self.logp_ref_full, tokens) * self.mask  # (N, T) masked
         self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self.logp_ref)
         self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
         self.logp_ref_seq = self.logp_ref.sum(-1)  # (N,)
@@ -417,7 +416,7 @@ class ExactEngine:
             self.logp_mu, self.prob_mu = self.logp, self.weights
         else:
             with torch.no_grad():
-                self.logp_mu = behaviour.log_probs(self.tokens).gather(-1, index).squeeze(-1) * self.mask  # (N, T)
+                self.logp_mu = at_tokens(behaviour.log_probs(tokens), tokens) * self.mask  # (N, T)
             self.prob_mu = self.logp_mu.sum(-1).exp()  # (N,) mu(y)
 
     def _plan_chunks(self) -> int:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .placements import Coefficients, KLConfig, loss_coefficients, make_config
 from .stats import Moments
-from .toy import DTYPE, AutoregressiveModel, TabularAR, check_models, per_sample_grads
+from .toy import DTYPE, AutoregressiveModel, TabularAR, at_tokens, check_models, per_sample_grads
 
 
 @torch.no_grad()
@@ -100,11 +100,9 @@ class MonteCarloEngine:
         with torch.no_grad():
             logp_full = self.policy.log_probs(flat)  # (n, T, V)
             logp_ref_full = self.ref.log_probs(flat)  # (n, T, V)
-            lp = logp_full.gather(-1, flat[..., None]).squeeze(-1) * m  # (n, T)
-            lr = logp_ref_full.gather(-1, flat[..., None]).squeeze(-1) * m
-            lmu = lp if self.behaviour is None else (
-                self.behaviour.log_probs(flat).gather(-1, flat[..., None]).squeeze(-1) * m
-            )
+            lp = at_tokens(logp_full, flat) * m  # (n, T)
+            lr = at_tokens(logp_ref_full, flat) * m
+            lmu = lp if self.behaviour is None else at_tokens(self.behaviour.log_probs(flat), flat) * m
         full = None
         if getattr(config, "needs_full_logits", False):
             full = (logp_full.view(E, B, T, -1), logp_ref_full.view(E, B, T, -1))

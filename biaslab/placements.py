@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .estimators import Estimator, EstimatorError, get_estimator
+from .toy import at_tokens
 
 if TYPE_CHECKING:
     from .recipes import Recipe as KLConfig
@@ -85,14 +86,14 @@ class TokenBatch:
         """(N, T) log pi(y_t | y_<t) at the sampled tokens."""
         if self.sampled_logp is not None:
             return self.sampled_logp
-        return self.logp_full.gather(-1, self.tokens.unsqueeze(-1)).squeeze(-1)
+        return at_tokens(self.logp_full, self.tokens)
 
     @property
     def logp_ref(self) -> Tensor:
         """(N, T) log pi_ref(y_t | y_<t) at the sampled tokens."""
         if self.sampled_logp_ref is not None:
             return self.sampled_logp_ref
-        return self.logp_ref_full.gather(-1, self.tokens.unsqueeze(-1)).squeeze(-1)
+        return at_tokens(self.logp_ref_full, self.tokens)
 
 
 def input_grads(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
@@ -133,14 +134,11 @@ def surrogate_coefficients(
     Differentiates ``config.surrogate`` with respect to the log-probabilities (not theta): one cheap backward pass
     on (N, T) tensors (and (N, T, V) for estimators that read full distributions). The engines then map the
     coefficients to theta (closed form, one backward pass, or per-sample gradients)."""
-    if logp is None:
-        logp = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    if logp_ref is None:
-        logp_ref = logp_ref_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    tok = logp.detach().requires_grad_(True)  # (N, T)
+    given = TokenBatch(tokens, logp_full, logp_ref_full, logp, logp_ref)  # gathers the token log-probs not given
+    tok = given.logp.detach().requires_grad_(True)  # (N, T)
     needs_full = config.needs_full_logits
     full = logp_full.detach().requires_grad_(needs_full)  # (N, T, V)
-    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, logp_ref.detach()), mask)  # (N,)
+    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, given.logp_ref.detach()), mask)  # (N,)
     if s.shape != tokens.shape[:1]:
         raise ValueError(f"surrogate of {config.label} has shape {tuple(s.shape)}, expected ({tokens.shape[0]},)")
     grads = input_grads(s, [tok, full] if needs_full else [tok])

@@ -112,10 +112,9 @@ class Recipe:
     reward_kl_center: str = "none"
 
     def __post_init__(self) -> None:
-        if self.reward_estimator is not None:
-            object.__setattr__(self, "reward_estimator", get_estimator(self.reward_estimator))
-        if self.loss_estimator is not None:
-            object.__setattr__(self, "loss_estimator", get_estimator(self.loss_estimator))
+        for name in ("reward_estimator", "loss_estimator"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, get_estimator(getattr(self, name)))
         _choice("reward_credit", self.reward_credit, CREDITS)
         _choice("reward_kl_at", self.reward_kl_at, ("behaviour", "current"))
         _choice("baseline", self.baseline, BASELINES)
@@ -243,9 +242,7 @@ class Recipe:
     @property
     def label(self) -> str:
         """'k3 in loss (token)' for basic configurations, ``describe()`` otherwise."""
-        if self.name != "custom":
-            return self.name
-        return self.describe()
+        return self.name if self.name != "custom" else self.describe()
 
     @property
     def is_plain(self) -> bool:

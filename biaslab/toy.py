@@ -22,6 +22,11 @@ from torch.func import functional_call, grad, jacrev, vmap
 DTYPE = torch.float64
 
 
+def at_tokens(x: Tensor, tokens: Tensor) -> Tensor:
+    """(..., T) the entries of x (..., T, V) at the tokens (..., T), e.g. log pi(y_t | y_<t) from log pi(. | y_<t)."""
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 class ModelError(ValueError):
     """A toy model was given logits or sizes it cannot hold."""
 
@@ -269,7 +274,7 @@ class TabularAR(AutoregressiveModel):
         """(N, T) ||e_{y_t} - p_t||^2 = 1 - 2 p_t(y_t) + ||p_t||^2: with token coefficients only,
         ||g_n||^2 = sum_t a_nt^2 * factor_nt (``logp_full`` (N, T, V) when the caller has it)."""
         p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
-        p_y = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        p_y = at_tokens(p, tokens)  # (N, T)
         return 1 - 2 * p_y + (p**2).sum(-1)
 
     def enumerated_expected_grad(
@@ -482,15 +487,10 @@ def _jacobians(model: AutoregressiveModel, tokens: Tensor, outputs, chunk: int):
         yield start, torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in jac], -1)  # (n, K, P)
 
 
-def _sampled(logp: Tensor, y: Tensor) -> Tensor:
-    """(T,) log pi(y_t | y_<t) from the (T, V) next-token log-probabilities."""
-    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
 def per_sample_token_jacobians(model: AutoregressiveModel, tokens: Tensor, mask: Tensor, chunk: int = 2048):
     """Yield (start, (n, T, P) d log pi(y_t | y_<t) / d theta times ``mask`` (N, T)) chunk by chunk: the per-token
     Jacobian."""
-    for start, j in _jacobians(model, tokens, _sampled, chunk):
+    for start, j in _jacobians(model, tokens, at_tokens, chunk):
         yield start, j * mask[start : start + chunk, :, None]
 
 
