@@ -550,11 +550,8 @@ class ExactEngine:
         """(N, T*V, T*V) per-response Gram matrices of grad log pi(v|y_<t) (models without a closed form), built
         once and shared by every configuration; None when they would not fit in the memory budget."""
         if self._gram is None and not self.policy.closed_form_grads:
-            need = self.N * (self.T * self.V) ** 2 * 8
-            if need <= self._max_bytes // 2:
-                self._gram = toy.per_sample_gram(self.policy, self.tokens)
-            else:
-                self._gram = False
+            fits = self.N * (self.T * self.V) ** 2 * 8 <= self._max_bytes // 2
+            self._gram = toy.per_sample_gram(self.policy, self.tokens) if fits else False
         return self._gram if self._gram is not False else None
 
     def jacobian(self) -> Tensor:
