@@ -137,12 +137,10 @@ def estimator_dtype(est) -> torch.dtype:
     if est is None:
         return torch.float64
     g = torch.Generator().manual_seed(12345)
-    if est.needs_full_logits:
-        x = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
-        y = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
+    if est.needs_full_logits:  # two (3, 4, 5) next-token log-distributions, else two (3, 4) log-probabilities
+        x, y = (torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1) for _ in range(2))
     else:
-        x = -0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64)
-        y = -0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64)
+        x, y = (-0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     try:
         with torch.no_grad():
             out = est.fn(x, y)
@@ -160,8 +158,7 @@ def config_dtype(config) -> torch.dtype:
     declared = getattr(config, "compute_dtype", None)
     if declared is not None:
         return declared
-    ests = (getattr(config, "reward_estimator", None), getattr(config, "loss_estimator", None))
-    dts = [estimator_dtype(e) for e in ests]
+    dts = [estimator_dtype(getattr(config, name, None)) for name in ("reward_estimator", "loss_estimator")]
     return max(dts, key=lambda d: torch.finfo(d).eps)
 
 

@@ -382,24 +382,25 @@ class NeuralAR(AutoregressiveModel):
     ) -> NeuralAR:
         """Weights i.i.d. N(0, scale^2 / fan_in) from ``torch.Generator().manual_seed(seed)``."""
         m = cls(vocab_size, length, hidden, embed)
-        m._add_noise(scale, seed, keep=False)
+        m._add_noise(scale, seed, add=False)
         return m
 
     def perturbed(self, kl_scale: float, seed: int = 1) -> NeuralAR:
         """A copy with every weight + kl_scale * N(0, 1/fan_in)."""
         m = NeuralAR(self.vocab_size, self.length, self.hidden, self.embed.embedding_dim)
         m.load_state_dict(self.state_dict())
-        m._add_noise(kl_scale, seed, keep=True)
+        m._add_noise(kl_scale, seed, add=True)
         return m
 
     @torch.no_grad()
-    def _add_noise(self, scale: float, seed: int, keep: bool) -> None:
-        """Every weight (+)= scale * N(0, 1/fan_in) from ``torch.Generator().manual_seed(seed)`` (kept or replaced)."""
+    def _add_noise(self, scale: float, seed: int, add: bool) -> None:
+        """scale * N(0, 1/fan_in) from ``torch.Generator().manual_seed(seed)`` added to every weight (or, with
+        ``add=False``, replacing it)."""
         g = torch.Generator().manual_seed(seed)
         for p in self.parameters():
             fan_in = p.shape[-1] if p.dim() > 1 else 1
             noise = scale * torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(fan_in)
-            if keep:
+            if add:
                 p.add_(noise)
             else:
                 p.copy_(noise)
