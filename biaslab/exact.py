@@ -37,9 +37,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .placements import Coefficients, TokenBatch, loss_coefficients
-from .recipes import Recipe
-from .toy import DTYPE, AutoregressiveModel, ModelError
+from . import toy
+from .placements import Coefficients, TokenBatch, input_grads, loss_coefficients, make_config
+from .recipes import Recipe, advantages, kl_credit, sequence_values, token_values
+from .toy import DTYPE, AutoregressiveModel, ModelError, at_tokens, check_models
 from .verdict import DIRECTIONS, Directions, Verdict, exact_verdict, true_gradient_is_zero
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("BIASLAB_MAX_BYTES", 4 * 2**30)))
@@ -94,9 +95,13 @@ def check_enumerable(
 
 def enumerate_sequences(vocab_size: int, length: int) -> Tensor:
     """(V**T, T) every sequence, row n is n written in base V with the first token most significant."""
-    n = torch.arange(vocab_size**length)
-    powers = vocab_size ** torch.arange(length - 1, -1, -1)  # (T,)
-    return (n.unsqueeze(1) // powers) % vocab_size  # (N, T)
+    return _digits(0, vocab_size**length, vocab_size, length)  # (N, T)
+
+
+def _digits(start: int, stop: int, base: int, width: int) -> Tensor:
+    """(stop - start, width) the numbers start..stop-1 written in base ``base``, most significant digit first."""
+    n = torch.arange(start, stop)
+    return (n.unsqueeze(1) // base ** torch.arange(width - 1, -1, -1)) % base
 
 
 def enumerate_complete(vocab_size: int, length: int, eos: int | None = None) -> tuple[Tensor, Tensor]:
@@ -132,12 +137,10 @@ def estimator_dtype(est) -> torch.dtype:
     if est is None:
         return torch.float64
     g = torch.Generator().manual_seed(12345)
-    if est.needs_full_logits:
-        x = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
-        y = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
+    if est.needs_full_logits:  # two (3, 4, 5) next-token log-distributions, else two (3, 4) log-probabilities
+        x, y = (torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1) for _ in range(2))
     else:
-        x = -0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64)
-        y = -0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64)
+        x, y = (-0.1 - 2 * torch.rand(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
     try:
         with torch.no_grad():
             out = est.fn(x, y)
@@ -155,8 +158,7 @@ def config_dtype(config) -> torch.dtype:
     declared = getattr(config, "compute_dtype", None)
     if declared is not None:
         return declared
-    ests = (getattr(config, "reward_estimator", None), getattr(config, "loss_estimator", None))
-    dts = [estimator_dtype(e) for e in ests]
+    dts = [estimator_dtype(getattr(config, name, None)) for name in ("reward_estimator", "loss_estimator")]
     return max(dts, key=lambda d: torch.finfo(d).eps)
 
 
@@ -267,11 +269,7 @@ def value_derivative(fn, x: Tensor, h: float, elementwise: bool = False, levels:
     successive steps agree."""
     leaf = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        val = fn(leaf)
-    auto = torch.zeros_like(x)
-    if val.requires_grad:
-        (g,) = torch.autograd.grad(val.sum(), leaf, allow_unused=True)
-        auto = torch.zeros_like(x) if g is None else g.detach()
+        (auto,) = input_grads(fn(leaf), [leaf])
 
     def close(a: Tensor, b: Tensor) -> Tensor:
         return (a - b).abs() <= rtol * (a.abs() + b.abs()) + 1e-300
@@ -335,18 +333,7 @@ class ExactEngine:
         max_bytes: int | None = None,
         max_groups: int = MAX_GROUPS,
     ) -> None:
-        for what, m in (("reference", ref), ("behaviour", behaviour)):
-            if m is not None and (m.vocab_size, m.length) != (policy.vocab_size, policy.length):
-                raise ModelError(
-                    f"policy and {what} disagree: policy V={policy.vocab_size}, T={policy.length}; "
-                    f"{what} V={m.vocab_size}, T={m.length}"
-                )
-        if int(group_size) < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        policy.check_finite("policy")
-        ref.check_finite("reference", reference=True)
-        if behaviour is not None:
-            behaviour.check_finite("behaviour", reference=True)
+        check_models(policy, ref, behaviour, group_size, eos)
         self.policy, self.ref, self.behaviour = policy, ref, behaviour
         self.V, self.T, self.eos, self.B = policy.vocab_size, policy.length, eos, int(group_size)
         self.params = [p for p in policy.parameters() if p.requires_grad]
@@ -358,7 +345,7 @@ class ExactEngine:
         self.N = count_complete(self.V, self.T, eos)
         self.chunk_size: int | None = None  # set when the enumeration is processed in chunks (see _plan_chunks)
         try:
-            check_enumerable(self.V, self.T, n_params, max_bytes, eos)
+            check_enumerable(self.V, self.T, n_params, self._max_bytes, eos)
         except EnumerationTooLarge:
             if not (policy.closed_form_grads and eos is None and self.B == 1 and behaviour is None):
                 raise
@@ -370,7 +357,7 @@ class ExactEngine:
                     f"(limit {max_groups:.3g}); use a smaller group size or toy, or Monte Carlo over groups"
                 )
             need = self.N * self.T * self.P * 8 * 2
-            if need > (DEFAULT_MAX_BYTES if max_bytes is None else max_bytes):
+            if need > self._max_bytes:
                 raise EnumerationTooLarge(
                     f"groups of B > 1 need the Jacobian of {self.N} responses x {self.T} tokens x {self.P} "
                     f"parameters, about {_human(need)}; use a smaller toy"
@@ -381,11 +368,18 @@ class ExactEngine:
             if task_reward.shape != (self.N,) or not torch.isfinite(task_reward).all():
                 raise ValueError(f"task_reward must be a finite ({self.N},) tensor, one value per complete response")
         self.task_reward = task_reward
-        self._truths: Truths | None = None
         self._directions: Directions | None = None
         self._level_probs: list[Tensor] | None = None
+        self._full_enumeration = True  # tokens are all V**T sequences in base-V order (closed-form reshape sums)
+        self._reset_caches()
+        if self.chunk_size is None:
+            self._setup(*enumerate_complete(self.V, self.T, eos))
+
+    def _reset_caches(self) -> None:
+        """Empty the caches of one enumeration (or chunk): truths, Jacobian and Gram matrices, fields and sums."""
+        self._truths: Truths | None = None
         self._jac: Tensor | None = None
-        self._gram: Tensor | bool | None = None
+        self._gram: Tensor | bool | None = None  # False: would not fit in the memory budget
         self._tok_gram: Tensor | bool | None = None
         self._pair_gram: Tensor | bool | None = None
         self._value_grads: dict = {}
@@ -393,9 +387,6 @@ class ExactEngine:
         self._fields: dict = {}  # field key -> Coefficients of one response's update (B = 1)
         self._means: dict = {}  # field key -> (P,) sum_n mu(y_n) g_n
         self._dots: dict = {}  # (key, key) -> sum_n mu(y_n) g_n . g'_n
-        self._full_enumeration = True  # tokens are all V**T sequences in base-V order (closed-form reshape sums)
-        if self.chunk_size is None:
-            self._setup(*enumerate_complete(self.V, self.T, eos))
 
     # ------------------------------------------------------------------ storage: in memory, or in chunks
 
@@ -403,19 +394,14 @@ class ExactEngine:
         """Per-response tensors of ``tokens`` (N, T): log-probabilities (the policy's with its graph), weights."""
         policy, ref, behaviour, eos = self.policy, self.ref, self.behaviour, self.eos
         self.tokens, self.mask = tokens, mask  # (N, T), (N, T)
-        index = self.tokens.unsqueeze(-1)  # (N, T, 1)
-        if eos is None and self._full_enumeration:
-            self.logp_full = policy.log_probs_enumerated(self.tokens)  # (N, T, V), graph kept for many backwards
-            with torch.no_grad():
-                self.logp_ref_full = ref.log_probs_enumerated(self.tokens)  # (N, T, V)
-        else:
-            self.logp_full = policy.log_probs(self.tokens)  # (N, T, V)
-            with torch.no_grad():
-                self.logp_ref_full = ref.log_probs(self.tokens)  # (N, T, V)
-        self._logp_tok = self.logp_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T), differentiable
+        enumerated = eos is None and self._full_enumeration  # all V**T sequences in base-V order
+        self.logp_full = (policy.log_probs_enumerated if enumerated else policy.log_probs)(self.tokens)  # (N, T, V)
+        with torch.no_grad():  # the policy's graph is kept for many backward passes, not the reference's
+            self.logp_ref_full = (ref.log_probs_enumerated if enumerated else ref.log_probs)(self.tokens)  # (N, T, V)
+        self._logp_tok = at_tokens(self.logp_full, tokens) * self.mask  # (N, T), differentiable
         self._logp_full_det = self.logp_full.detach()  # (N, T, V)
         self.logp = self._logp_tok.detach()  # (N, T) masked log pi(y_t|y_<t)
-        self.logp_ref = self.logp_ref_full.gather(-1, index).squeeze(-1) * self.mask  # (N, T) masked
+        self.logp_ref = at_tokens(self.logp_ref_full, tokens) * self.mask  # (N, T) masked
         self.batch = TokenBatch(self.tokens, self.logp_full, self.logp_ref_full, self._logp_tok, self.logp_ref)
         self.logp_seq = self._logp_tok.sum(-1)  # (N,) log pi(y), differentiable
         self.logp_ref_seq = self.logp_ref.sum(-1)  # (N,)
@@ -427,7 +413,7 @@ class ExactEngine:
             self.logp_mu, self.prob_mu = self.logp, self.weights
         else:
             with torch.no_grad():
-                self.logp_mu = behaviour.log_probs(self.tokens).gather(-1, index).squeeze(-1) * self.mask  # (N, T)
+                self.logp_mu = at_tokens(behaviour.log_probs(tokens), tokens) * self.mask  # (N, T)
             self.prob_mu = self.logp_mu.sum(-1).exp()  # (N,) mu(y)
 
     def _plan_chunks(self) -> int:
@@ -451,17 +437,14 @@ class ExactEngine:
         if self.chunk_size is None:
             yield self
             return
-        powers = self.V ** torch.arange(self.T - 1, -1, -1)  # (T,)
         if self._level_probs is None and self.policy.closed_form_grads:
             self._level_probs = self.policy.level_probs()  # shared by every chunk
         for start in range(0, self.N, self.chunk_size):
             sub = object.__new__(ExactEngine)
             sub.__dict__.update(self.__dict__)
-            sub.chunk_size, sub._full_enumeration, sub._truths, sub._value_grads = None, False, None, {}
-            sub._tok_gram, sub._gram, sub._jac, sub._pair_gram = None, None, None, None
-            sub._fields, sub._means, sub._dots, sub._kl = {}, {}, {}, {}
-            n = torch.arange(start, min(start + self.chunk_size, self.N))
-            tokens = (n.unsqueeze(1) // powers) % self.V  # (C, T)
+            sub.chunk_size, sub._full_enumeration = None, False
+            sub._reset_caches()
+            tokens = _digits(start, min(start + self.chunk_size, self.N), self.V, self.T)  # (C, T)
             sub._setup(tokens, torch.ones(tokens.shape, dtype=DTYPE), check_total=False)
             if self.task_reward is not None:
                 sub.task_reward = self.task_reward[start : start + tokens.shape[0]]
@@ -534,9 +517,7 @@ class ExactEngine:
         gram = self.gram()
         if gram is not None:  # one Jacobian pass per enumeration, then a quadratic form per pair of fields
             return torch.einsum("ni,nij,nj->n", dx.reshape(self.N, -1), gram, dy.reshape(self.N, -1))
-        from .persample import per_sample_dots
-
-        return per_sample_dots(self.policy, self.tokens, dx, dx if y is x else dy)
+        return toy.per_sample_dots(self.policy, self.tokens, dx, dx if y is x else dy)
 
     def token_gram(self) -> Tensor | None:
         """G_n[t, s] = grad log pi(y_t|y_<t) . grad log pi(y_s|y_<s) of every response, built once per enumeration
@@ -549,15 +530,13 @@ class ExactEngine:
             elif self.N * self.T * (self.T + 1) * 8 > self._max_bytes // 2:
                 self._tok_gram = False
             else:
-                from .persample import per_sample_token_jacobians
-
                 keys = [k for k, f in self._fields.items() if k not in self._means and f.full is None]
                 wa = self.mask.new_zeros(len(keys), self.N, self.T)  # (K, N, T) mu-weighted token coefficients
                 for i, k in enumerate(keys):
                     wa[i] = self.prob_mu[:, None] * self._fields[k].tok
                 means = torch.zeros(len(keys), self.P, dtype=DTYPE)
                 gram = torch.empty(self.N, self.T, self.T, dtype=DTYPE)
-                for start, j in per_sample_token_jacobians(self.policy, self.tokens, self.mask):  # (n, T, P)
+                for start, j in toy.per_sample_token_jacobians(self.policy, self.tokens, self.mask):  # (n, T, P)
                     gram[start : start + j.shape[0]] = j @ j.transpose(1, 2)
                     means += torch.einsum("knt,ntp->kp", wa[:, start : start + j.shape[0]], j)
                 self._means.update(zip(keys, means))
@@ -568,13 +547,8 @@ class ExactEngine:
         """(N, T*V, T*V) per-response Gram matrices of grad log pi(v|y_<t) (models without a closed form), built
         once and shared by every configuration; None when they would not fit in the memory budget."""
         if self._gram is None and not self.policy.closed_form_grads:
-            need = self.N * (self.T * self.V) ** 2 * 8
-            if need <= self._max_bytes // 2:
-                from .persample import per_sample_gram
-
-                self._gram = per_sample_gram(self.policy, self.tokens)
-            else:
-                self._gram = False
+            fits = self.N * (self.T * self.V) ** 2 * 8 <= self._max_bytes // 2
+            self._gram = toy.per_sample_gram(self.policy, self.tokens) if fits else False
         return self._gram if self._gram is not False else None
 
     def jacobian(self) -> Tensor:
@@ -583,9 +557,7 @@ class ExactEngine:
         if self._jac is None and self.policy.closed_form_grads and hasattr(self.policy, "token_logp_jacobian"):
             self._jac = self.policy.token_logp_jacobian(self.tokens, self.mask, self._logp_full_det)
         if self._jac is None:
-            from .persample import per_sample_token_jacobians
-
-            self._jac = torch.cat([j for _, j in per_sample_token_jacobians(self.policy, self.tokens, self.mask)])
+            self._jac = torch.cat([j for _, j in toy.per_sample_token_jacobians(self.policy, self.tokens, self.mask)])
         return self._jac
 
     # ------------------------------------------------------------------ truths
@@ -692,12 +664,8 @@ class ExactEngine:
         if self.chunk_size is not None:
             self._value_grads[key] = self._sum_chunks(lambda sub: sub.expected_value_grad(config))
             return self._value_grads[key]
-        from .placements import make_config
-        from .recipes import token_values
-
         view = Recipe(loss_estimator=est, loss_coef=1.0, level=config.level)
-        m, lr = self.mask, self.logp_ref
-        w = self.weights
+        m, lr, w = self.mask, self.logp_ref, self.weights
         values, d_tok, d_full = self._kl_values(est, config.level)
         big_k = values if config.level == "sequence" else (values * m).sum(-1)  # (N,) K(y)
         if est.needs_full_logits:
@@ -765,26 +733,24 @@ class ExactEngine:
                 yield idx, orderings[start : start + chunk] * self.prob_mu[idx].prod(-1)
             return
         total = self.N**self.B
-        powers = self.N ** torch.arange(self.B - 1, -1, -1)  # (B,)
         for start in range(0, total, chunk):
-            n = torch.arange(start, min(start + chunk, total))
-            idx = (n.unsqueeze(1) // powers) % self.N  # (E, B)
+            idx = _digits(start, min(start + chunk, total), self.N, self.B)  # (E, B)
             yield idx, self.prob_mu[idx].prod(-1)
+
+    @staticmethod
+    def _pick(x: Tensor, idx: Tensor | None) -> Tensor:
+        """x (N, ...) at the groups ``idx`` (E, B): (E, B, ...); idx None: every response alone, (N, 1, ...), a view."""
+        return x[:, None] if idx is None else x[idx]
 
     def _inputs(self, idx: Tensor | None):
         """(logp, logp_mu, logp_ref, mask (E, B, T), rewards (E, B) or None) of the groups ``idx`` (E, B), or of
-        every response alone (idx None: views, no copy)."""
-        if idx is None:
-            rew = None if self.task_reward is None else self.task_reward[:, None]
-            return self.logp[:, None], self.logp_mu[:, None], self.logp_ref[:, None], self.mask[:, None], rew
-        rew = None if self.task_reward is None else self.task_reward[idx]  # (E, B)
-        return self.logp[idx], self.logp_mu[idx], self.logp_ref[idx], self.mask[idx], rew  # (E, B, T) each
+        every response alone (idx None)."""
+        rew = None if self.task_reward is None else self._pick(self.task_reward, idx)
+        return (*(self._pick(x, idx) for x in (self.logp, self.logp_mu, self.logp_ref, self.mask)), rew)
 
     def whiten_stats(self, config, chunk: int = 65536) -> tuple[float, float]:
         """Population (mean, std) of the per-token advantages of ``config`` under mu: the limit of a large
         rollout batch's token-level whitening."""
-        from .recipes import advantages
-
         s0 = s1 = s2 = 0.0
         for idx, prob in self._group_chunks(chunk, isinstance(config, Recipe)):
             lp, lo, lr, m, rew = self._inputs(idx)
@@ -801,9 +767,7 @@ class ExactEngine:
         lp, lo, lr, m, rew = self._inputs(idx)  # (E, B, T) each, rew (E, B) or None
         full = None
         if getattr(config, "needs_full_logits", False):
-            lp_full = self._logp_full_det[:, None] if idx is None else self._logp_full_det[idx]
-            lr_full = self.logp_ref_full[:, None] if idx is None else self.logp_ref_full[idx]
-            full = (lp_full, lr_full)  # (E, B, T, V)
+            full = (self._pick(self._logp_full_det, idx), self._pick(self.logp_ref_full, idx))  # (E, B, T, V)
         return tuple(loss_coefficients(config, lp, lo, lr, m, rew, full, whiten_stats))
 
     def _kl_values(self, est, level: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -812,8 +776,6 @@ class ExactEngine:
         derivative of sum_t k_t (K) with respect to the token (and full) log-probabilities, 0 on padding."""
         key = (est, level)
         if key not in self._kl:
-            from .recipes import sequence_values, token_values
-
             m = self.mask
             leaf = self.logp.clone().requires_grad_(True)
             full = (self._logp_full_det.clone().requires_grad_(True),) if est.needs_full_logits else ()
@@ -824,19 +786,14 @@ class ExactEngine:
                 else:
                     values = token_values(est, leaf, self.logp_ref, m, (*full, self.logp_ref_full) if full else None)
                     total = (values * m).sum()
-            grads = torch.autograd.grad(total, [leaf, *full], allow_unused=True) if total.requires_grad else [None] * 2
-            d_tok = torch.zeros_like(leaf) if grads[0] is None else grads[0] * m
-            d_full = None
-            if full:
-                d_full = torch.zeros_like(full[0]) if grads[1] is None else grads[1] * m[..., None]
-            self._kl[key] = (values.detach(), d_tok.detach(), d_full)
+            grads = input_grads(total, [leaf, *full])
+            d_full = grads[1] * m[..., None] if full else None
+            self._kl[key] = (values.detach(), (grads[0] * m).detach(), d_full)
         return self._kl[key]
 
     def _plain_coefficients(self, config) -> tuple[Tensor, Tensor | None]:
         """make_config's direct path, on-policy, every response alone: reward_coef x the credit of the estimator's
         values + loss_coef x their derivative (``_kl_values``; the tests check it equals ``batch_loss``)."""
-        from .recipes import kl_credit
-
         terms, c = [], None
         if config.has_reward_kl:
             credit = kl_credit(config, self._kl_values(config.reward_estimator, config.level)[0], self.mask)[0]
@@ -860,7 +817,7 @@ class ExactEngine:
             a0, c0 = self._loss_coefficients(config.without_kl(), idx, whiten_stats)
             a = a - a0
             c = None if c is None else c - (0 if c0 is None else c0)
-        m = self.mask[:, None] if idx is None else self.mask[idx]
+        m = self._pick(self.mask, idx)
         if c is not None:
             c = c * m.unsqueeze(-1)
         a = a * m

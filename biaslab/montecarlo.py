@@ -17,10 +17,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .persample import per_sample_grads
 from .placements import Coefficients, KLConfig, loss_coefficients, make_config
 from .stats import Moments
-from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
+from .toy import DTYPE, AutoregressiveModel, TabularAR, at_tokens, check_models, per_sample_grads
 
 
 @torch.no_grad()
@@ -40,31 +39,21 @@ def sample_complete(
     return tokens * mask.to(torch.long), mask
 
 
-
-
 #: the unbiased, low-variance reference estimator of grad KL(pi || pi_ref): Rao-Blackwellized KL in reward + loss
 REFERENCE_CONFIG = ("rb", "both", "token", "rtg")
 
 
 def _tabular_grads(model: TabularAR, tokens: Tensor, logp_full: Tensor, coef: Coefficients, q: Tensor | None) -> Tensor:
-    """(n, P) per-sample gradients of a tabular model, or (n, k) projections on the rows of q (k, P).
-
-    The block at the prefix row of level t is a_t e_{y_t} + c_t - p_t (a_t + sum_v c_tv)  (see TabularAR).
-    """
-    n, T = tokens.shape
-    V = model.vocab_size
-    p = logp_full.detach().exp()  # (n, T, V)
-    block = coef.dense(tokens, V)  # (n, T, V)
-    block -= p * block.sum(-1, keepdim=True)  # (n, T, V)
-    rows = model.prefix_rows(tokens)  # (n, T)
-    offsets = torch.tensor([sum(V**s * V for s in range(t)) for t in range(T)])  # (T,)
-    cols = (offsets + rows * V).unsqueeze(-1) + torch.arange(V)  # (n, T, V) flat parameter indices
+    """(n, P) per-sample gradients of a tabular model, or (n, k) projections on the rows of q (k, P): each token's
+    block ``TabularAR.coefficient_blocks`` placed at its prefix row."""
+    n = tokens.shape[0]
+    block = model.coefficient_blocks(tokens, coef.tok, coef.full, logp_full)  # (n, T, V)
+    cols = model.block_columns(tokens)  # (n, T, V) flat parameter indices
     if q is None:
         out = torch.zeros(n, model.n_params(), dtype=block.dtype)
         out.scatter_add_(1, cols.reshape(n, -1), block.reshape(n, -1))
         return out  # (n, P)
-    qt = q.T  # (P, k)
-    return torch.einsum("ntv,ntvk->nk", block, qt[cols])  # (n, k)
+    return torch.einsum("ntv,ntvk->nk", block, q.T[cols])  # (n, k)
 
 
 class MonteCarloEngine:
@@ -87,18 +76,7 @@ class MonteCarloEngine:
         eos: int | None = None,
         group_size: int = 1,
     ) -> None:
-        for other, name in ((ref, "reference"), (behaviour, "behaviour policy")):
-            if other is not None and (other.vocab_size, other.length) != (policy.vocab_size, policy.length):
-                raise ModelError(
-                    f"policy and {name} disagree: policy V={policy.vocab_size}, T={policy.length}; "
-                    f"{name} V={other.vocab_size}, T={other.length}"
-                )
-        policy.check_finite("policy")
-        ref.check_finite("reference", reference=True)
-        if int(group_size) < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
-        if eos is not None and not 0 <= eos < policy.vocab_size:
-            raise ModelError(f"eos must be a token id in [0, {policy.vocab_size}); got {eos}")
+        check_models(policy, ref, behaviour, group_size, eos)
         self.policy, self.ref, self.behaviour = policy, ref, behaviour
         self.eos, self.B = eos, int(group_size)
         self.n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -122,11 +100,9 @@ class MonteCarloEngine:
         with torch.no_grad():
             logp_full = self.policy.log_probs(flat)  # (n, T, V)
             logp_ref_full = self.ref.log_probs(flat)  # (n, T, V)
-            lp = logp_full.gather(-1, flat[..., None]).squeeze(-1) * m  # (n, T)
-            lr = logp_ref_full.gather(-1, flat[..., None]).squeeze(-1) * m
-            lmu = lp if self.behaviour is None else (
-                self.behaviour.log_probs(flat).gather(-1, flat[..., None]).squeeze(-1) * m
-            )
+            lp = at_tokens(logp_full, flat) * m  # (n, T)
+            lr = at_tokens(logp_ref_full, flat) * m
+            lmu = lp if self.behaviour is None else at_tokens(self.behaviour.log_probs(flat), flat) * m
         full = None
         if getattr(config, "needs_full_logits", False):
             full = (logp_full.view(E, B, T, -1), logp_ref_full.view(E, B, T, -1))
@@ -151,8 +127,7 @@ class MonteCarloEngine:
         if isinstance(self.policy, TabularAR):
             return _tabular_grads(self.policy, tokens, logp_full, coef, projection)
         full = coef.dense(tokens, logp_full.shape[-1])  # (n, T, V)
-        chunks = [g for _, g in per_sample_grads(self.policy, tokens, full)]
-        g = torch.cat(chunks)  # (n, P)
+        g = torch.cat([g for _, g in per_sample_grads(self.policy, tokens, full)])  # (n, P)
         return g if projection is None else g @ projection.T
 
     def iter_grads(
@@ -171,12 +146,9 @@ class MonteCarloEngine:
             done = 0
             while done < n:
                 m = min(max(1, batch_size // self.B), n - done)
-                if self.eos is None and self.B == 1:
-                    yield self.grads_for(config, self.sample(m, generator), projection)
-                else:
-                    tokens, mask = self.sample_complete(m * self.B, generator)
-                    T = tokens.shape[1]
-                    yield self.group_grads(config, tokens.view(m, self.B, T), mask.view(m, self.B, T), projection)
+                tokens, mask = self.sample_complete(m * self.B, generator)  # mask all ones without EOS
+                T = tokens.shape[1]
+                yield self.group_grads(config, tokens.view(m, self.B, T), mask.view(m, self.B, T), projection)
                 done += m
                 bar.update(m)
 

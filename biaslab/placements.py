@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .estimators import Estimator, EstimatorError, get_estimator
+from .toy import at_tokens
 
 if TYPE_CHECKING:
     from .recipes import Recipe as KLConfig
@@ -85,19 +86,20 @@ class TokenBatch:
         """(N, T) log pi(y_t | y_<t) at the sampled tokens."""
         if self.sampled_logp is not None:
             return self.sampled_logp
-        return self.logp_full.gather(-1, self.tokens.unsqueeze(-1)).squeeze(-1)
+        return at_tokens(self.logp_full, self.tokens)
 
     @property
     def logp_ref(self) -> Tensor:
         """(N, T) log pi_ref(y_t | y_<t) at the sampled tokens."""
         if self.sampled_logp_ref is not None:
             return self.sampled_logp_ref
-        return self.logp_ref_full.gather(-1, self.tokens.unsqueeze(-1)).squeeze(-1)
+        return at_tokens(self.logp_ref_full, self.tokens)
 
-    @property
-    def delta(self) -> Tensor:
-        """(N, T) token log-ratio delta_t = logp_t - logp_ref_t."""
-        return self.logp - self.logp_ref
+
+def input_grads(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    """[d out.sum() / d x for x in inputs]: autograd, zeros where ``out`` does not depend on x."""
+    grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True) if out.requires_grad else [None] * len(inputs)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
 
 
 class Coefficients(NamedTuple):
@@ -132,23 +134,15 @@ def surrogate_coefficients(
     Differentiates ``config.surrogate`` with respect to the log-probabilities (not theta): one cheap backward pass
     on (N, T) tensors (and (N, T, V) for estimators that read full distributions). The engines then map the
     coefficients to theta (closed form, one backward pass, or per-sample gradients)."""
-    if logp is None:
-        logp = logp_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    if logp_ref is None:
-        logp_ref = logp_ref_full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    tok = logp.detach().requires_grad_(True)  # (N, T)
+    given = TokenBatch(tokens, logp_full, logp_ref_full, logp, logp_ref)  # gathers the token log-probs not given
+    tok = given.logp.detach().requires_grad_(True)  # (N, T)
     needs_full = config.needs_full_logits
     full = logp_full.detach().requires_grad_(needs_full)  # (N, T, V)
-    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, logp_ref.detach()), mask)  # (N,)
+    s = config.surrogate(TokenBatch(tokens, full, logp_ref_full.detach(), tok, given.logp_ref.detach()), mask)  # (N,)
     if s.shape != tokens.shape[:1]:
         raise ValueError(f"surrogate of {config.label} has shape {tuple(s.shape)}, expected ({tokens.shape[0]},)")
-    inputs = [tok, full] if needs_full else [tok]
-    grads = torch.autograd.grad(s.sum(), inputs, allow_unused=True) if s.requires_grad else [None] * len(inputs)
-    a = torch.zeros_like(tok) if grads[0] is None else grads[0]
-    c = None
-    if needs_full:
-        c = torch.zeros_like(full) if grads[1] is None else grads[1]
-    return Coefficients(a.detach(), None if c is None else c.detach())
+    grads = input_grads(s, [tok, full] if needs_full else [tok])
+    return Coefficients(grads[0].detach(), grads[1].detach() if needs_full else None)
 
 
 def loss_coefficients(
@@ -177,11 +171,8 @@ def loss_coefficients(
         raise ValueError(f"{config.label}: the loss has shape {tuple(loss.shape)}, expected {tuple(logp.shape[:-2])}")
     if not torch.isfinite(loss).all():
         raise ValueError(f"{config.label}: the loss is non-finite (NaN/inf) for some groups")
-    inputs = [leaf] if full is None else [leaf, full[0]]
-    grads = torch.autograd.grad(loss.sum(), inputs, allow_unused=True) if loss.requires_grad else [None] * 2
-    a = torch.zeros_like(leaf) if grads[0] is None else grads[0]
-    c = None if full is None else (torch.zeros_like(full[0]) if grads[1] is None else grads[1])
-    return Coefficients(a, c)
+    grads = input_grads(loss, [leaf] if full is None else [leaf, full[0]])
+    return Coefficients(grads[0], None if full is None else grads[1])
 
 
 def make_config(

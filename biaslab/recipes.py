@@ -52,9 +52,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .aggregation import check_mode, nominal_token_weight
+from .aggregation import aggregate, check_mode, nominal_token_weight
 from .estimators import Estimator, get_estimator
-from .placements import TokenBatch
+from .placements import Credit, Level, Placement, TokenBatch
 
 BASELINES = ("none", "batch_mean", "rloo", "grpo")
 CREDITS = ("rtg", "full")
@@ -112,10 +112,9 @@ class Recipe:
     reward_kl_center: str = "none"
 
     def __post_init__(self) -> None:
-        if self.reward_estimator is not None:
-            object.__setattr__(self, "reward_estimator", get_estimator(self.reward_estimator))
-        if self.loss_estimator is not None:
-            object.__setattr__(self, "loss_estimator", get_estimator(self.loss_estimator))
+        for name in ("reward_estimator", "loss_estimator"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, get_estimator(getattr(self, name)))
         _choice("reward_credit", self.reward_credit, CREDITS)
         _choice("reward_kl_at", self.reward_kl_at, ("behaviour", "current"))
         _choice("baseline", self.baseline, BASELINES)
@@ -129,8 +128,6 @@ class Recipe:
         _choice("pg_ratio_grad", self.pg_ratio_grad, RATIO_GRADS)
         _choice("loss_weight", self.loss_weight, LOSS_WEIGHTS)
         _choice("level", getattr(self.level, "value", self.level), LEVELS)
-        from .placements import Level
-
         object.__setattr__(self, "level", Level(getattr(self.level, "value", self.level)))
         check_mode(self.pg_agg)
         check_mode(self.loss_agg)
@@ -231,8 +228,6 @@ class Recipe:
     @property
     def placement(self):
         """``Placement`` reward / loss / both (None without a KL term)."""
-        from .placements import Placement
-
         if self.has_reward_kl and self.has_loss_kl:
             return Placement.BOTH
         if self.has_reward_kl:
@@ -242,16 +237,12 @@ class Recipe:
     @property
     def credit(self):
         """``Credit`` of the score-function term, None when the KL is only in the loss."""
-        from .placements import Credit
-
         return Credit(self.reward_credit) if self.has_reward_kl else None
 
     @property
     def label(self) -> str:
         """'k3 in loss (token)' for basic configurations, ``describe()`` otherwise."""
-        if self.name != "custom":
-            return self.name
-        return self.describe()
+        return self.name if self.name != "custom" else self.describe()
 
     @property
     def is_plain(self) -> bool:
@@ -272,11 +263,7 @@ class Recipe:
             return sequence_values(self.estimator, logp, logp_ref, mask)
         return (token_values(self.estimator, logp, logp_ref, mask, full) * mask).sum(-1)
 
-    # the per-sample views used by the Monte Carlo engine and the LLM path (B = 1 each)
-
-    def token_values(self, batch: TokenBatch) -> Tensor:
-        """(N, T) per-token estimates k_t of ``estimator`` on a ``TokenBatch``, differentiable through logp."""
-        return token_values(self.estimator, batch.logp, batch.logp_ref, None, (batch.logp_full, batch.logp_ref_full))
+    # the per-sample views used by the LLM path and the value statistics (B = 1 each)
 
     def sequence_value(self, batch: TokenBatch) -> Tensor:
         """(N,) the per-sample KL estimate K(y) at this level."""
@@ -510,8 +497,6 @@ def batch_loss(
     advantages, required when ``recipe.whiten``. ``full`` = (logp_full, logp_ref_full), (..., B, T, V) each, for
     estimators that read whole next-token distributions (the first differentiable).
     """
-    from .aggregation import aggregate
-
     if not (logp.shape == logp_old.shape == logp_ref.shape == mask.shape):
         raise RecipeError(
             f"log-probs and mask must share a shape (..., B, T); got {tuple(logp.shape)}, {tuple(logp_old.shape)}, "

@@ -17,8 +17,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
 
 DTYPE = torch.float64
+
+
+def at_tokens(x: Tensor, tokens: Tensor) -> Tensor:
+    """(..., T) the entries of x (..., T, V) at the tokens (..., T), e.g. log pi(y_t | y_<t) from log pi(. | y_<t)."""
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class ModelError(ValueError):
@@ -106,8 +112,14 @@ class AutoregressiveModel(nn.Module):
         return self.next_log_probs(prefix), prefix
 
     def next_log_probs(self, prefix: Tensor) -> Tensor:
-        """(N, V) log pi(. | prefix) for prefixes (N, t)."""
-        raise NotImplementedError
+        """(N, V) log pi(. | prefix) for prefixes (N, t): the sampling steps along the prefix (a subclass with the
+        generic ``_sample_step`` must override this)."""
+        if type(self)._sample_step is AutoregressiveModel._sample_step:
+            raise NotImplementedError
+        logp, state = self._sample_step(self._sample_start(prefix.shape[0]), None)
+        for s in range(prefix.shape[1]):
+            logp, state = self._sample_step(state, prefix[:, s])
+        return logp
 
     # ---- memory estimates (bytes), for refusing work before allocating it
 
@@ -123,6 +135,31 @@ class AutoregressiveModel(nn.Module):
     def per_sample_grads_bytes(self, n: int) -> int:
         """Bytes of n float64 per-sample gradients (n, P): the dominant term of storing Monte Carlo samples."""
         return int(n) * self.n_params() * torch.finfo(DTYPE).bits // 8
+
+
+def check_models(
+    policy: AutoregressiveModel,
+    ref: AutoregressiveModel,
+    behaviour: AutoregressiveModel | None = None,
+    group_size: int = 1,
+    eos: int | None = None,
+) -> None:
+    """Refuse (before an engine allocates anything) a reference or behaviour model of another V or T than the
+    policy, a group size below 1, non-finite logits, or an EOS id outside the vocabulary."""
+    for what, m in (("reference", ref), ("behaviour", behaviour)):
+        if m is not None and (m.vocab_size, m.length) != (policy.vocab_size, policy.length):
+            raise ModelError(
+                f"policy and {what} disagree: policy V={policy.vocab_size}, T={policy.length}; "
+                f"{what} V={m.vocab_size}, T={m.length}"
+            )
+    if int(group_size) < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    policy.check_finite("policy")
+    ref.check_finite("reference", reference=True)
+    if behaviour is not None:
+        behaviour.check_finite("behaviour", reference=True)
+    if eos is not None and not 0 <= eos < policy.vocab_size:
+        raise ModelError(f"eos must be a token id in [0, {policy.vocab_size}); got {eos}")
 
 
 def _draw(logp: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -207,13 +244,6 @@ class TabularAR(AutoregressiveModel):
         ]  # T x (N, V)
         return torch.stack(out, 1)  # (N, T, V)
 
-    def next_log_probs(self, prefix: Tensor) -> Tensor:
-        t = prefix.shape[1]
-        row = torch.zeros(prefix.shape[0], dtype=torch.long)
-        for s in range(t):
-            row = row * self.vocab_size + prefix[:, s]
-        return torch.log_softmax(self.levels[t][row], -1)  # (N, V)
-
     def _sample_start(self, n: int) -> tuple[int, Tensor]:
         return 0, torch.zeros(n, dtype=torch.long)  # (level t, the prefix row of each sample (n,))
 
@@ -244,7 +274,7 @@ class TabularAR(AutoregressiveModel):
         """(N, T) ||e_{y_t} - p_t||^2 = 1 - 2 p_t(y_t) + ||p_t||^2: with token coefficients only,
         ||g_n||^2 = sum_t a_nt^2 * factor_nt (``logp_full`` (N, T, V) when the caller has it)."""
         p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
-        p_y = p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        p_y = at_tokens(p, tokens)  # (N, T)
         return 1 - 2 * p_y + (p**2).sum(-1)
 
     def enumerated_expected_grad(
@@ -278,6 +308,11 @@ class TabularAR(AutoregressiveModel):
         V = self.vocab_size
         return torch.tensor([sum(V**s * V for s in range(t)) for t in range(self.length)], dtype=torch.long)
 
+    def block_columns(self, tokens: Tensor) -> Tensor:
+        """(N, T, V) flat parameter index of each entry of a token's block (the V logits of its prefix row)."""
+        V = self.vocab_size
+        return (self.param_offsets() + self.prefix_rows(tokens) * V).unsqueeze(-1) + torch.arange(V)
+
     def token_logp_jacobian(
         self, tokens: Tensor, mask: Tensor | None = None, logp_full: Tensor | None = None
     ) -> Tensor:
@@ -286,15 +321,11 @@ class TabularAR(AutoregressiveModel):
         torch.func.jacrev of the gathered log-probabilities without importing torch._dynamo (about 1.2 s of CPU
         on the first torch.func call). Memory N * T * P floats; ``logp_full`` (N, T, V) spares a forward pass."""
         N, T = tokens.shape
-        V = self.vocab_size
-        p = (self(tokens) if logp_full is None else logp_full).detach().exp()  # (N, T, V)
-        block = -p
-        block.scatter_add_(-1, tokens.unsqueeze(-1), torch.ones_like(p[..., :1]))  # e_y - p, (N, T, V)
+        block = self.coefficient_blocks(tokens, torch.ones(N, T, dtype=DTYPE), None, logp_full)  # e_y - p, (N, T, V)
         if mask is not None:
             block = block * mask.to(block.dtype).unsqueeze(-1)
-        cols = (self.param_offsets() + self.prefix_rows(tokens) * V).unsqueeze(-1) + torch.arange(V)  # (N, T, V)
         jac = torch.zeros(N, T, self.n_params(), dtype=block.dtype)
-        jac.scatter_(-1, cols, block)  # each (n, t) writes its own V columns: no collisions
+        jac.scatter_(-1, self.block_columns(tokens), block)  # each (n, t) writes its own V columns: no collisions
         return jac  # (N, T, P)
 
     def weighted_grad(
@@ -351,23 +382,28 @@ class NeuralAR(AutoregressiveModel):
     ) -> NeuralAR:
         """Weights i.i.d. N(0, scale^2 / fan_in) from ``torch.Generator().manual_seed(seed)``."""
         m = cls(vocab_size, length, hidden, embed)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in m.parameters():
-                fan_in = p.shape[-1] if p.dim() > 1 else 1
-                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(fan_in))
+        m._add_noise(scale, seed, add=False)
         return m
 
     def perturbed(self, kl_scale: float, seed: int = 1) -> NeuralAR:
         """A copy with every weight + kl_scale * N(0, 1/fan_in)."""
         m = NeuralAR(self.vocab_size, self.length, self.hidden, self.embed.embedding_dim)
         m.load_state_dict(self.state_dict())
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in m.parameters():
-                fan_in = p.shape[-1] if p.dim() > 1 else 1
-                p.add_(kl_scale * torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(fan_in))
+        m._add_noise(kl_scale, seed, add=True)
         return m
+
+    @torch.no_grad()
+    def _add_noise(self, scale: float, seed: int, add: bool) -> None:
+        """scale * N(0, 1/fan_in) from ``torch.Generator().manual_seed(seed)`` added to every weight (or, with
+        ``add=False``, replacing it)."""
+        g = torch.Generator().manual_seed(seed)
+        for p in self.parameters():
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            noise = scale * torch.randn(p.shape, generator=g, dtype=DTYPE) / math.sqrt(fan_in)
+            if add:
+                p.add_(noise)
+            else:
+                p.copy_(noise)
 
     def check_finite(self, what: str, *, reference: bool = False) -> None:
         for name, p in self.named_parameters():
@@ -394,18 +430,6 @@ class NeuralAR(AutoregressiveModel):
             hs.append(h)
         return torch.log_softmax(self.head(torch.stack(hs, 1)), -1)  # (N, T, V)
 
-    def next_log_probs(self, prefix: Tensor) -> Tensor:
-        inp = (
-            torch.cat([torch.full_like(prefix[:, :1], self.vocab_size), prefix], 1)
-            if prefix.numel()
-            else torch.full((prefix.shape[0], 1), self.vocab_size, dtype=torch.long)
-        )
-        x = self.embed(inp)  # (N, t+1, E)
-        h = x.new_zeros(prefix.shape[0], self.hidden)
-        for s in range(x.shape[1]):
-            h = self._cell(x[:, s], h)
-        return torch.log_softmax(self.head(h), -1)  # (N, V)
-
     def _sample_start(self, n: int) -> Tensor:
         return self.embed.weight.new_zeros(n, self.hidden)  # (n, H): the state before the BOS input
 
@@ -414,6 +438,73 @@ class NeuralAR(AutoregressiveModel):
         inp = torch.full((state.shape[0],), self.vocab_size, dtype=torch.long) if last is None else last  # (n,)
         h = self._cell(self.embed(inp), state)  # (n, H)
         return torch.log_softmax(self.head(h), -1), h  # (n, V)
+
+
+# ====================================================================== per-sample gradients (torch.func)
+# For models without a closed form: g_n = sum_{t,v} coef[n,t,v] grad log pi(v | y_<t) by functional_call + vmap +
+# grad (or jacrev) in chunks, so memory stays at chunk x P floats; parameter order of the model.
+
+
+def _functional(model: AutoregressiveModel):
+    """(params, logp_one(params, y (T,)) -> (T, V) next-token log-probabilities): the model as a function of its
+    trainable parameters, for torch.func."""
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if p.requires_grad]
+    frozen = {n: p.detach() for n, p in named.items() if not p.requires_grad}
+
+    def logp_one(ps: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        state = {**frozen, **dict(zip(names, ps))}
+        return functional_call(model, state, (y.unsqueeze(0),), {}, strict=False)[0]  # (T, V)
+
+    return tuple(named[n].detach() for n in names), logp_one
+
+
+def per_sample_grads(model: AutoregressiveModel, tokens: Tensor, coef: Tensor, chunk: int = 2048):
+    """Yield (start, (n, P) flat per-sample gradients g_n of the coefficients ``coef`` (N, T, V)) chunk by chunk."""
+    params, logp_one = _functional(model)
+    fn = vmap(grad(lambda ps, y, c: (c * logp_one(ps, y)).sum()), in_dims=(None, 0, 0))
+    for start in range(0, tokens.shape[0], chunk):
+        gs = fn(params, tokens[start : start + chunk], coef[start : start + chunk].detach())
+        yield start, torch.cat([g.reshape(g.shape[0], -1) for g in gs], 1)  # (n, P)
+
+
+def per_sample_dots(model: AutoregressiveModel, tokens: Tensor, cx: Tensor, cy: Tensor, chunk: int = 2048) -> Tensor:
+    """(N,) g_n(cx) . g_n(cy) of two coefficient sets (N, T, V), chunked (one pass when cy is cx)."""
+    out = torch.empty(tokens.shape[0], dtype=cx.dtype)
+    grads_y = None if cy is cx else per_sample_grads(model, tokens, cy, chunk)
+    for start, gx in per_sample_grads(model, tokens, cx, chunk):
+        gy = gx if grads_y is None else next(grads_y)[1]
+        out[start : start + gx.shape[0]] = (gx * gy).sum(1)
+    return out
+
+
+def _jacobians(model: AutoregressiveModel, tokens: Tensor, outputs, chunk: int):
+    """Yield (start, (n, K, P)) per-sample Jacobians of ``outputs(logp (T, V), y (T,)) -> (K,)``, chunk by chunk
+    (K reverse passes per response)."""
+    params, logp_one = _functional(model)
+    fn = vmap(jacrev(lambda ps, y: outputs(logp_one(ps, y), y)), in_dims=(None, 0))
+    for start in range(0, tokens.shape[0], chunk):
+        jac = fn(params, tokens[start : start + chunk])  # tuple of (n, K, *shape)
+        yield start, torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in jac], -1)  # (n, K, P)
+
+
+def per_sample_token_jacobians(model: AutoregressiveModel, tokens: Tensor, mask: Tensor, chunk: int = 2048):
+    """Yield (start, (n, T, P) d log pi(y_t | y_<t) / d theta times ``mask`` (N, T)) chunk by chunk: the per-token
+    Jacobian."""
+    for start, j in _jacobians(model, tokens, at_tokens, chunk):
+        yield start, j * mask[start : start + chunk, :, None]
+
+
+def per_sample_gram(model: AutoregressiveModel, tokens: Tensor, chunk: int = 512) -> Tensor:
+    """(N, T*V, T*V) Gram matrices G_n[(t,v),(s,w)] = grad log pi(v|y_n,<t) . grad log pi(w|y_n,<s).
+
+    Computed once per enumeration (per-sample Jacobians of the (T, V) next-token log-probabilities, chunked), so
+    that any coefficients give ||g_n||^2 = c_n^T G_n c_n without another pass through the model."""
+    TV = tokens.shape[1] * model.vocab_size
+    out = torch.empty(tokens.shape[0], TV, TV, dtype=torch.float64)
+    for start, j in _jacobians(model, tokens, lambda lp, y: lp.reshape(-1), chunk):  # (n, TV, P)
+        out[start : start + j.shape[0]] = j @ j.transpose(1, 2)
+    return out
 
 
 # ====================================================================== pairs

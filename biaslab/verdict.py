@@ -154,11 +154,8 @@ def exact_verdict(
     tol, e = tolerance(dtype), eps(dtype)
     floor = ROUNDOFF * e * rms
     out = Verdict("biased", math.nan, math.nan, math.nan, tolerance=tol, dtype=str(dtype).replace("torch.", ""))
-    if undefined:
-        out.verdict = "undefined"
-        return out
-    if nominal == 0:
-        out.verdict = "no_kl"
+    if undefined or nominal == 0:  # the true gradient is zero, or the configuration has no KL term
+        out.verdict = "undefined" if undefined else "no_kl"
         return out
     dirs = directions if isinstance(directions, Directions) else Directions(directions)
     rev = dirs["reverse_kl"]
