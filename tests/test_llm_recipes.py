@@ -164,6 +164,8 @@ def test_framework_text_report_and_whitened_recipe(capsys):
     (["--framework", "verl", "--set", "actor_rollout_ref.rollout.n=2", "--set",
       "actor_rollout_ref.actor.use_kl_loss=true", "--samples", "15"], "not a multiple of the recipes' group size 2"),
     (["--framework", "verl"], "nothing to measure (pass --enable-kl)"),
+    (["--framework", "trl-grpo", "--enable-kl", "--samples", "32"], "(4 groups of 8 responses): the 4-direction "
+     "Hotelling test needs at least 8 independent groups; use --samples >= 64"),
     (["--framework", "roll", "--set", "kl_penalty=full"], "'full' needs the full next-token distributions"),
     (["--framework", "nosuch"], "unknown framework"),
     (["--set", "algorithm.use_kl_in_reward=true"], "go with --framework"),

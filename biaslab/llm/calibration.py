@@ -159,7 +159,7 @@ def detectable_norm(n: int, cov: Tensor, alpha: float, power: float = POWER) -> 
     """Smallest bias norm (in the tested directions) the level-alpha Hotelling test detects with ``power`` in its
     worst direction: lambda = n b^T S^-1 b >= n |b|^2 / max eig(S)."""
     k = cov.shape[0]
-    lam = _noncentrality_for_power(k, float(n - k), alpha, power) * (n - 1) / (n - k)  # F scale -> T^2 scale
+    lam = _noncentrality_for_power(k, float(n - k), alpha, power)  # of F = (n-k)/(k(n-1)) T^2: n b^T S^-1 b
     return math.sqrt(lam * float(torch.linalg.eigvalsh(cov).max()) / n)
 
 

@@ -210,10 +210,13 @@ class LLMOptions:
         if self.direction_samples is not None and self.direction_samples % group:
             raise LLMError(f"--direction-samples {self.direction_samples} is not a multiple of the recipes' group "
                            f"size {group}")
-        if self.samples < 8:
-            raise LLMError(f"--samples must be >= 8 (a 4-direction Hotelling test needs more), got {self.samples}")
-        if self.n_dir < 2:
-            raise LLMError(f"--direction-samples must be >= 2, got {self.n_dir}")
+        # the independent units are groups: a 4-direction Hotelling test needs at least 8 of them
+        if self.samples < 8 * group:
+            unit = "" if group == 1 else f" ({self.samples // group} groups of {group} responses)"
+            raise LLMError(f"--samples {self.samples}{unit}: the 4-direction Hotelling test needs at least 8 "
+                           f"independent {'groups' if group > 1 else 'responses'}; use --samples >= {8 * group}")
+        if self.n_dir < 2 * group:
+            raise LLMError(f"--direction-samples must be >= {2 * group} (two groups), got {self.n_dir}")
         if self.batch_size < 1:
             raise LLMError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0 < self.alpha < 1:
