@@ -124,7 +124,7 @@ class MonteCarloEngine:
         return self._grads(tokens, logp_full, coef, projection)
 
     def _grads(self, tokens: Tensor, logp_full: Tensor, coef: Coefficients, projection: Tensor | None) -> Tensor:
-        if isinstance(self.policy, TabularAR):
+        if self.policy.closed_form_grads:
             return _tabular_grads(self.policy, tokens, logp_full, coef, projection)
         full = coef.dense(tokens, logp_full.shape[-1])  # (n, T, V)
         g = torch.cat([g for _, g in per_sample_grads(self.policy, tokens, full)])  # (n, P)

@@ -145,7 +145,8 @@ def check_models(
     eos: int | None = None,
 ) -> None:
     """Refuse (before an engine allocates anything) a reference or behaviour model of another V or T than the
-    policy, a group size below 1, non-finite logits, or an EOS id outside the vocabulary."""
+    policy, a group size below 1, non-finite logits, an EOS id outside the vocabulary, or a tabular policy with
+    frozen levels (its closed-form gradients cover every level)."""
     for what, m in (("reference", ref), ("behaviour", behaviour)):
         if m is not None and (m.vocab_size, m.length) != (policy.vocab_size, policy.length):
             raise ModelError(
@@ -154,6 +155,9 @@ def check_models(
             )
     if int(group_size) < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if policy.closed_form_grads and not all(p.requires_grad for p in policy.parameters()):
+        raise ModelError("a tabular policy's levels must all be trainable (requires_grad): its closed-form "
+                         "gradients cover every level; to study a subset, read those coordinates of the result")
     policy.check_finite("policy")
     ref.check_finite("reference", reference=True)
     if behaviour is not None:

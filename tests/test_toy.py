@@ -117,3 +117,17 @@ def test_tabular_token_logp_jacobian_matches_autograd() -> None:
             want = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params)])
             torch.testing.assert_close(jac[n, t], want, rtol=1e-13, atol=1e-13)
     assert int(policy.param_offsets()[-1]) == policy.n_params() - 3**3 * 3
+
+
+def test_a_tabular_policy_with_frozen_levels_is_refused_by_both_engines() -> None:
+    """The closed-form tabular gradients cover every level: a frozen level would give gradient vectors of another
+    length than the trainable parameters (a silent mismatch), so both engines refuse it with one message."""
+    from biaslab import ExactEngine
+    from biaslab.montecarlo import MonteCarloEngine
+    from biaslab.toy import ModelError
+
+    policy, ref = make_pair("tabular", 3, 3, seed=0, kl_scale=0.5)
+    policy.levels[0].requires_grad_(False)
+    for engine in (ExactEngine, MonteCarloEngine):
+        with pytest.raises(ModelError, match="levels must all be trainable"):
+            engine(policy, ref)
