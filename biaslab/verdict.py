@@ -59,6 +59,16 @@ def eps(dtype: torch.dtype = torch.float64) -> float:
     return float(torch.finfo(dtype).eps)
 
 
+def format_factor(x: float) -> str:
+    """A scale factor with 4 significant digits, or as many more (up to 12) as it takes not to read 1 when it is not
+    1: a GRPO group of one divides by 1 + 1e-6, a 'rescaled x0.999999' that 4 digits would print as 'x1'."""
+    for digits in range(4, 13):
+        text = f"{x:.{digits}g}"
+        if x == 1 or float(text) != 1:
+            return text
+    return text
+
+
 def true_gradient_is_zero(grad_norm: float, score_rms: float) -> bool:
     """True when ||grad KL(pi||pi_ref)|| is round-off relative to the size of the score, sqrt(E||grad log pi||^2):
     no relative bias can be resolved at the float64 tolerance (policy == reference)."""
@@ -91,11 +101,11 @@ class Verdict:
     def describe(self) -> str:
         """One phrase: 'unbiased', 'rescaled x0.5', 'biased, follows forward_kl_token', ..."""
         if self.verdict == "rescaled":
-            return f"rescaled x{self.factor:.4g}"
+            return f"rescaled x{format_factor(self.factor)}"
         if self.verdict == "biased":
             if self.matches:
                 name, s = next(iter(self.matches.items()))
-                return f"biased, follows {name}" + ("" if abs(s - 1) <= 1e-6 else f" (x{s:.4g})")
+                return f"biased, follows {name}" + ("" if abs(s - 1) <= 1e-6 else f" (x{format_factor(s)})")
             return f"biased, nearest {self.nearest} (cos {self.nearest_cos:.4f})"
         return self.verdict
 
