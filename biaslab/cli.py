@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from argparse import SUPPRESS
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -45,22 +45,9 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
 __all__ = [
-    "DEFAULT_ALPHA",
-    "DEFAULT_KL_SCALE",
-    "HelpFormatter",
-    "PluginError",
-    "add_common_flags",
-    "build_parser",
-    "kl_scale",
-    "load_entry_points",
-    "import_source",
-    "load_plugin",
-    "main",
-    "nonnegative_int",
-    "output_dir",
-    "positive_int",
-    "probability",
-    "vocab_size",
+    "DEFAULT_ALPHA", "DEFAULT_KL_SCALE", "HelpFormatter", "PluginError", "add_common_flags", "build_parser",
+    "kl_scale", "load_entry_points", "import_source", "load_plugin", "main", "nonnegative_int", "output_dir",
+    "positive_int", "probability", "vocab_size",
 ]
 
 
@@ -71,53 +58,41 @@ class PluginError(ValueError):
 # ---------------------------------------------------------------------------------------------- flag types
 
 
-def _number(text: str, kind: type) -> float | int:
+def _number(text: str, kind: type, ok: Callable[[float], bool], requirement: str) -> float | int:
+    """``text`` as a ``kind``; an argparse error "<requirement>, got <text>" unless ``ok(value)``."""
     try:
         value = kind(text)
     except (TypeError, ValueError):
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
     return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "must be a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "must be an integer >= 0")
 
 
 def vocab_size(text: str) -> int:
     """argparse type: a vocabulary size V >= 2 (with one token every distribution is the same)."""
-    value = _number(text, int)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a vocabulary needs at least 2 tokens, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 2, "a vocabulary needs at least 2 tokens")
 
 
 def probability(text: str) -> float:
     """argparse type: a level or probability strictly between 0 and 1 (e.g. ``--alpha``)."""
-    value = _number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < 1, "must lie strictly between 0 and 1")
 
 
 def kl_scale(text: str) -> float:
     """argparse type: a finite scale >= 0 (``--kl-scale``: policy = reference + C * noise)."""
-    value = _number(text, float)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 
 
 def output_dir(text: str) -> Path | None:
@@ -178,32 +153,22 @@ def add_common_flags(
     ``DEFAULT_ALPHA``). out: ``--out FOLDER`` with this default, checked writable at parse time ('' = none).
     """
     if formats:
-        parser.add_argument(
-            "--format", choices=list(formats), default=default_format or formats[0], help="output format"
-        )
+        default = default_format or formats[0]
+        parser.add_argument("--format", choices=list(formats), default=default, help="output format")
     if progress:
-        parser.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="progress bars on stderr (default: on when stderr is a terminal)",
-        )
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                            help="progress bars on stderr (default: on when stderr is a terminal)")
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed")
     if toy:
         parser.add_argument("--vocab", type=vocab_size, default=DEFAULT_VOCAB, help="vocabulary size V (>= 2)")
         parser.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help="sequence length T (>= 1)")
     if kl_scale:
-        parser.add_argument(
-            "--kl-scale",
-            type=_kl_scale_type,
-            default=DEFAULT_KL_SCALE,
-            help="policy = reference + C * noise",
-        )
+        parser.add_argument("--kl-scale", type=_kl_scale_type, default=DEFAULT_KL_SCALE,
+                            help="policy = reference + C * noise")
     if alpha:
-        parser.add_argument(
-            "--alpha", type=probability, default=DEFAULT_ALPHA, help="family-wise false-alarm rate, in (0, 1)"
-        )
+        parser.add_argument("--alpha", type=probability, default=DEFAULT_ALPHA,
+                            help="family-wise false-alarm rate, in (0, 1)")
     if out is not None:
         parser.add_argument("--out", type=output_dir, default=out, help="output folder ('' for none)")
 
@@ -263,7 +228,8 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> l
                 if existing is None:
                     register_estimator(ep.name, obj)
                 elif existing.fn is not getattr(obj, "fn", obj):
-                    raise PluginError(f"the name {ep.name!r} is already registered by {_owner(existing)}")
+                    owner = getattr(existing.fn, "__module__", None) or "another module"
+                    raise PluginError(f"the name {ep.name!r} is already registered by {owner}")
         except Exception as exc:
             error = PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group}: {exc}")
             if strict:
@@ -272,10 +238,6 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> l
             continue
         loaded.append(ep.name)
     return loaded
-
-
-def _owner(est: Estimator) -> str:
-    return getattr(est.fn, "__module__", None) or "another module"
 
 
 def _known_plugins(argv: Sequence[str]) -> list[str]:
@@ -332,9 +294,9 @@ def _figures(args: argparse.Namespace) -> int:
     written = make_figures(args.out, quick=args.quick, progress=args.progress, only=only)
     if args.format == "json":
         print(to_json({"out": str(args.out), "quick": args.quick, "written": [str(p) for p in written]}))
-        return 0
-    for path in written:
-        print(path)
+    else:
+        for path in written:
+            print(path)
     return 0
 
 

@@ -50,11 +50,8 @@ class Artifact:
     stem: str
     files: dict[Path, bytes] = field(default_factory=dict)
 
-    def path(self, suffix: str) -> Path:
-        return self.out / f"{self.stem}{suffix}"
-
     def add(self, suffix: str, data: bytes | str) -> Path:
-        path = self.path(suffix)
+        path = self.out / f"{self.stem}{suffix}"
         self.files[path] = data.encode() if isinstance(data, str) else data
         return path
 
@@ -366,6 +363,7 @@ def direction_rows(model: str, V: int, T: int, seed: int, kl_scale: float) -> li
     from .exact import ExactEngine
     from .placements import make_config
     from .toy import make_pair
+    from .verdict import cosine
 
     policy, ref = make_pair(model, V, T, seed=seed, kl_scale=kl_scale)
     engine = ExactEngine(policy, ref)
@@ -381,15 +379,10 @@ def direction_rows(model: str, V: int, T: int, seed: int, kl_scale: float) -> li
             {
                 **dict(zip(DIRECTION_FIELDS, values)),
                 "matches": ";".join(r.all_matches),
-                **{f"cos_{k}": float("nan") if zero else _cosine(r.expected_grad, dirs[k]) for k in DIRECTION_COLUMNS},
+                **{f"cos_{k}": float("nan") if zero else cosine(r.expected_grad, dirs[k]) for k in DIRECTION_COLUMNS},
             }
         )
     return rows
-
-
-def _cosine(a, b) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
 @figure("directions")
@@ -469,14 +462,8 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
             model, V, T, seed = next(m for m in VALUE_TOYS if m[0] == src)
             scale = kl_scale_for(model, V, T, seed, kl)
             for level in ("token", "sequence"):
-                add(
-                    f"{model} toy V={V} T={T} (exact)",
-                    level,
-                    kl,
-                    toy_exact(model, V, T, seed, scale, level),
-                    seed=seed,
-                    scale=scale,
-                )
+                stats = toy_exact(model, V, T, seed, scale, level)
+                add(f"{model} toy V={V} T={T} (exact)", level, kl, stats, seed=seed, scale=scale)
     rows = art.add_csv(rows, VALUE_FIELDS)
     art.add(".md", values_markdown(rows))
     art.add_meta(
@@ -511,12 +498,7 @@ def values_markdown(rows: list[dict]) -> str:
         head,
         "|" + "---|" * (3 + 2 * len(ests)),
     ]
-    keys: list[tuple] = []
-    for r in rows:
-        key = (r["source"], r["level"], r["kl_target"])
-        if key not in keys:
-            keys.append(key)
-    for source, level, target in keys:
+    for source, level, target in dict.fromkeys((r["source"], r["level"], r["kl_target"]) for r in rows):
         sel = {r["estimator"]: r for r in rows if (r["source"], r["level"], r["kl_target"]) == (source, level, target)}
         cells = []
         for e in ests:

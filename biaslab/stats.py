@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -50,11 +50,10 @@ class Moments:
     comoment: Tensor | None = None
 
     @classmethod
-    def empty(cls, dim: int = 0, full_cov: bool | None = None) -> Moments:
+    def empty(cls, dim: int = 0) -> Moments:
         """Moments of no samples (the start of a running accumulation); merging adopts the other side."""
-        full_cov = dim <= FULL_COV_MAX if full_cov is None else full_cov
         z = torch.zeros(dim, dtype=torch.float64)
-        return cls(0, z, z.clone(), torch.zeros(dim, dim, dtype=torch.float64) if full_cov else None)
+        return cls(0, z, z.clone(), torch.zeros(dim, dim, dtype=torch.float64) if dim <= FULL_COV_MAX else None)
 
     @classmethod
     def accumulate(cls, chunks: Iterable[Tensor], full_cov: bool | None = None) -> Moments:
@@ -121,11 +120,6 @@ class Moments:
         if self.comoment is None:
             raise ValueError("these moments keep no full covariance (P too large); project the samples first")
         return self.comoment / max(self.n - 1, 1)
-
-    @property
-    def se(self) -> Tensor:
-        """(P,) standard error of each coordinate of the mean."""
-        return (self.var / self.n).sqrt()
 
     def project(self, q: Tensor) -> Moments:
         """Moments of Q x for a (k, P) matrix Q (exact: needs the full comoment)."""
@@ -194,24 +188,18 @@ class BiasTest:
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "n_ref": self.n_ref,
-            "bias_norm": self.bias_norm,
-            "rel_bias": self.rel_bias,
-            "rel_bias_along_reference": self.along,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
-            "statistic": self.statistic,
-            "p_value": self.p_value,
-            "dof": list(self.dof),
-            "detectable_bias": self.detectable_bias,
-            "detectable_rel_bias": self.detectable_rel_bias,
-            "variance": self.variance,
-            "alpha": self.alpha,
-            "biased": self.biased,
-            "method": self.method,
-        }
+        """Every field but ``bias`` and ``extra``; ``along`` is named ``rel_bias_along_reference``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bias", "extra")}
+        out["dof"] = list(self.dof)
+        return {("rel_bias_along_reference" if k == "along" else k): v for k, v in out.items()}
+
+
+def _kept_eigen(s_b: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Eigenvalues (p,) and eigenvectors (k, p) of the covariance of the mean ``s_b`` above 1e-10 x the largest,
+    and the largest eigenvalue."""
+    evals, evecs = torch.linalg.eigh(s_b)
+    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
+    return evals[keep], evecs[:, keep], float(evals.max())
 
 
 @functools.lru_cache(maxsize=256)
@@ -283,13 +271,12 @@ def bias_test(
     s_b = m_t.cov / m_t.n  # (k, k) covariance of the mean
     if mr_t is not None:
         s_b = s_b + mr_t.cov / mr_t.n
-    evals, evecs = torch.linalg.eigh(s_b)
-    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
-    p = int(keep.sum())
+    evals, evecs, top = _kept_eigen(s_b)
+    p = evals.numel()
     # Eigenvalues below ridge * the largest are raised to it: directions that only rare samples reach have
     # badly underestimated variances, which would make T^2 anti-conservative; the floor makes it conservative.
-    floor = evals[keep].clamp_min(float(evals.max()) * ridge)
-    z = evecs[:, keep].T @ b / floor.sqrt()  # whitened bias, (p,)
+    floor = evals.clamp_min(top * ridge)
+    z = evecs.T @ b / floor.sqrt()  # whitened bias, (p,)
     t2 = float(z @ z)
     if mr_t is None and m.n > p + 1:
         df2 = float(m.n - p)
@@ -303,16 +290,18 @@ def bias_test(
     # worst-direction detectable bias: the noncentrality of the F (or chi-square) statistic is
     # lambda = b^T S_b^-1 b >= ||b||^2 / max eig(S_b)  (for Hotelling's F, n b^T Sigma^-1 b: no rescaling)
     lam = _noncentrality_for_power(p, df2, alpha, power)
-    detectable = math.sqrt(lam * float(evals[keep].max()))  # worst direction: the largest variance
+    detectable = math.sqrt(lam * float(evals.max()))  # worst direction: the largest variance
 
     # relative bias along the reference direction, with a normal CI
     zq = stats.norm.ppf(1 - alpha / 2)
     if ref_norm > 0:
         u = reference / ref_norm
         along = float(bias @ u) / ref_norm
-        var_u = float(u @ m.cov @ u) / m.n if m.comoment is not None else float(m_t.cov[0, 0]) / m.n
-        if mr is not None:
-            var_u += float(u @ mr.cov @ u) / mr.n if mr.comoment is not None else float(mr_t.cov[0, 0]) / mr.n
+
+        def var_along(full: Moments, tested: Moments) -> float:  # variance of u . mean (tested row 0 is along u)
+            return (float(u @ full.cov @ u) if full.comoment is not None else float(tested.cov[0, 0])) / full.n
+
+        var_u = var_along(m, m_t) + (var_along(mr, mr_t) if mr is not None else 0.0)
         half = zq * math.sqrt(max(var_u, 0.0)) / ref_norm
     else:
         along, half = math.nan, math.nan
@@ -407,19 +396,18 @@ def detectable_bias(
         if n_ref < 2:
             raise ValueError("give n_ref >= 2 with cov_ref")
         s_b = s_b + as_matrix(cov_ref) / n_ref
-    evals, evecs = torch.linalg.eigh(s_b)
-    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
-    p = int(keep.sum())
+    evals, evecs, _ = _kept_eigen(s_b)
+    p = evals.numel()
     if p == 0:
         return 0.0  # no noise: any bias is detected
     df2 = float(n - p) if cov_ref is None and n > p + 1 else None
     lam = _noncentrality_for_power(p, df2, alpha, power)
     if direction is None:
-        return math.sqrt(lam * float(evals[keep].max()))
+        return math.sqrt(lam * float(evals.max()))
     u = torch.as_tensor(direction, dtype=torch.float64).reshape(-1)
     u = u / u.norm()
-    w = evecs[:, keep].T @ u  # (p,)
-    q = float((w * w / evals[keep]).sum())  # u^T S_b^+ u
+    w = evecs.T @ u  # (p,)
+    q = float((w * w / evals).sum())  # u^T S_b^+ u
     return math.sqrt(lam / q) if q > 0 else math.inf
 
 

@@ -28,26 +28,9 @@ FIG_CONFIGS: tuple[tuple[str, str, str, str, str | None], ...] = (
 )
 
 ROW_FIELDS = [
-    "model",
-    "vocab",
-    "length",
-    "seed",
-    "kl_scale",
-    "kl_reverse",
-    "kl_forward",
-    "grad_norm",
-    "config",
-    "estimator",
-    "placement",
-    "level",
-    "credit",
-    "rel_bias",
-    "bias_sq",
-    "variance",
-    "cos_reverse",
-    "cos_forward",
-    "verdict",
-    "matches",
+    *("model", "vocab", "length", "seed", "kl_scale", "kl_reverse", "kl_forward", "grad_norm"),
+    *("config", "estimator", "placement", "level", "credit"),
+    *("rel_bias", "bias_sq", "variance", "cos_reverse", "cos_forward", "verdict", "matches"),
 ]
 
 
@@ -81,17 +64,8 @@ def evaluate_rows(
     policy, ref = make_pair(model, vocab_size, length, seed=seed, kl_scale=kl_scale)
     engine = ExactEngine(policy, ref)
     tr = engine.truths()
-    grad_norm = float(tr.grad_reverse.norm())
-    base = {
-        "model": model,
-        "vocab": vocab_size,
-        "length": length,
-        "seed": seed,
-        "kl_scale": float(kl_scale),
-        "kl_reverse": tr.kl_reverse,
-        "kl_forward": tr.kl_forward,
-        "grad_norm": grad_norm,
-    }
+    base = {"model": model, "vocab": vocab_size, "length": length, "seed": seed, "kl_scale": float(kl_scale),
+            "kl_reverse": tr.kl_reverse, "kl_forward": tr.kl_forward, "grad_norm": float(tr.grad_reverse.norm())}
     rows = Rows()
     for label, cfg in configs:
         r = engine.evaluate(cfg)
