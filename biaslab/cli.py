@@ -126,10 +126,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text
 
     def _format_text(self, text: str) -> str:
-        return super()._format_text(text.replace("``", "").replace("`", ""))
+        return super()._format_text(text.replace("`", ""))
 
     def _expand_help(self, action: argparse.Action) -> str:
-        return super()._expand_help(action).replace("``", "").replace("`", "")
+        return super()._expand_help(action).replace("`", "")
 
 
 def add_common_flags(
@@ -362,14 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- main
 
 #: errors a user can fix: one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    EstimatorError,
-    ModelError,
-    EnumerationTooLarge,
-    PluginError,
-    ValueError,
-    OSError,
-)
+USER_ERRORS = (EstimatorError, ModelError, EnumerationTooLarge, PluginError, ValueError, OSError)
 
 
 def _check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

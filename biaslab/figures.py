@@ -92,9 +92,8 @@ def table1(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     for model, V, T, seed, kl_scale in TABLE1_MODELS:
         policy, ref = make_pair(model, V, T, seed=seed, kl_scale=kl_scale)
         engine, results = exact_table(policy, ref)
-        sections.append(
-            to_markdown(results, engine, title=f"{model} toy (V={V}, T={T}, seed {seed}, kl_scale {kl_scale})")
-        )
+        title = f"{model} toy (V={V}, T={T}, seed {seed}, kl_scale {kl_scale})"
+        sections.append(to_markdown(results, engine, title=title))
         rows += [{"model": model, **r} for r in table_rows(results)]
     header = (
         "# Table 1 (computed): which KL configurations give the gradient of KL(pi || pi_ref)\n\n"

@@ -156,9 +156,7 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--out {path}: is a file, not a folder")
     probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:  # the nearest existing parent
         probe = probe.parent
     if not probe.is_dir():
         raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder")

@@ -5,8 +5,7 @@ Notation: g_1..g_n are i.i.d. per-sample gradient estimates (vectors of P number
 covariance Sigma; r is the reference gradient (exact, or itself estimated from n_r samples of an unbiased
 estimator). The bias is b = m - r.
 
-* ``Moments``: n, the mean and centred second moments, merged exactly (Chan et al.) so that statistics gathered
-  on several processes combine into the ones a single process would have computed.
+* ``Moments``: n, the mean and centred second moments, merged exactly across processes (``Moments.merge``).
 * ``bias_test``: Hotelling's T^2 test of H0: b = 0. With the per-sample covariance S (P x P) and bias estimate
   b_hat = mean - r, T^2 = b_hat^T (S/n)^+ b_hat and (n - p) / (p (n - 1)) T^2 ~ F(p, n - p) under H0 (p = rank,
   Gaussian approximation of the mean, which the CLT makes accurate at the sizes used). When P is large the test
@@ -17,8 +16,7 @@ estimator). The bias is b = m - r.
   interval, and the smallest projected-bias norm the test detects with power 0.9 whatever its direction.
 * ``detectable_bias``: the smallest bias norm a level-alpha test detects with a given power, from n and the
   covariance alone (before sampling: how many samples does a given bias need?).
-* ``direction_tests``: one test of E[g] = d for each of several named directions d, with a Holm (or Bonferroni)
-  correction, the directions not rejected and the one the point estimate is closest to.
+* ``direction_tests``: E[g] = d for several named directions d, Holm- (or Bonferroni-) corrected.
 * ``mse_prediction``: E||mean_N - r||^2 = ||b||^2 + tr(Sigma) / N.
 """
 

@@ -69,36 +69,21 @@ def evaluate_rows(
     rows = Rows()
     for label, cfg in configs:
         r = engine.evaluate(cfg)
-        rows.append(
-            {
-                "kind": "config",
-                **base,
-                "config": label,
-                "estimator": cfg.estimator.name,
-                "placement": cfg.placement.value,
-                "level": cfg.level.value,
-                "credit": cfg.credit.value if cfg.credit is not None else "",
-                "rel_bias": r.rel_bias,
-                "bias_sq": float(((r.expected_grad - tr.grad_reverse) ** 2).sum()),
-                "variance": r.variance,
-                "cos_reverse": r.cos_reverse,
-                "cos_forward": r.cos_forward,
-                "verdict": r.verdict,
-                "matches": r.matches,
-            }
-        )
+        rows.append({
+            "kind": "config", **base, "config": label, "estimator": cfg.estimator.name,
+            "placement": cfg.placement.value, "level": cfg.level.value,
+            "credit": cfg.credit.value if cfg.credit is not None else "",
+            "rel_bias": r.rel_bias, "bias_sq": float(((r.expected_grad - tr.grad_reverse) ** 2).sum()),
+            "variance": r.variance, "cos_reverse": r.cos_reverse, "cos_forward": r.cos_forward,
+            "verdict": r.verdict, "matches": r.matches,
+        })
     if with_directions:
         for name, d in tr.directions.items():
             if name != "zero":
-                rows.append(
-                    {
-                        "kind": "direction",
-                        **base,
-                        "config": name,
-                        "cos_reverse": cosine(d, tr.grad_reverse),
-                        "cos_forward": cosine(d, tr.grad_forward),
-                    }
-                )
+                rows.append({
+                    "kind": "direction", **base, "config": name,
+                    "cos_reverse": cosine(d, tr.grad_reverse), "cos_forward": cosine(d, tr.grad_forward),
+                })
     return rows
 
 

@@ -31,8 +31,8 @@ from functools import lru_cache
 import torch
 
 ENV_VAR = "BIASLAB_THREADS"
-#: below this many elements of the largest tensor, one thread (2**24 float64 numbers = 128 MiB). The V=4, T=8
-#: enumeration ((65,536, 8, 4): 2.1M elements) is well inside: it ran 1.5-27x slower on 2 threads than on one.
+#: below this many elements of the largest tensor, one thread (2**24 float64 numbers = 128 MiB; the V=4, T=8
+#: enumeration, (65,536, 8, 4), is 2.1M elements).
 SMALL_WORK = 2**24
 _PINNING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
