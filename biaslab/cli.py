@@ -136,7 +136,6 @@ def add_common_flags(
     parser: argparse.ArgumentParser,
     *,
     formats: Sequence[str] | None = ("text", "json"),
-    default_format: str | None = None,
     progress: bool = True,
     seed: bool = False,
     toy: bool = False,
@@ -146,15 +145,14 @@ def add_common_flags(
 ) -> None:
     """Add the flags every subcommand spells the same way.
 
-    formats: choices of ``--format`` (first is the default unless ``default_format``); None for no ``--format``.
+    formats: choices of ``--format`` (the first is the default); None for no ``--format``.
     progress: ``--progress/--no-progress`` (default: on when stderr is a terminal; ``main`` resolves it).
     seed: ``--seed`` (default 0). toy: ``--vocab`` (>= 2, default 3) and ``--length`` (>= 1, default 4).
     kl_scale: ``--kl-scale`` (default ``DEFAULT_KL_SCALE``). alpha: ``--alpha`` in (0, 1) (default
     ``DEFAULT_ALPHA``). out: ``--out FOLDER`` with this default, checked writable at parse time ('' = none).
     """
     if formats:
-        default = default_format or formats[0]
-        parser.add_argument("--format", choices=list(formats), default=default, help="output format")
+        parser.add_argument("--format", choices=list(formats), default=formats[0], help="output format")
     if progress:
         parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                             help="progress bars on stderr (default: on when stderr is a terminal)")
@@ -209,18 +207,18 @@ def load_plugin(spec: str) -> None:
     import_source(spec, PluginError, "--plugin ")
 
 
-def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> list[str]:
-    """Register the estimators that installed packages declare in the entry-point group ``group``.
+def load_entry_points() -> list[str]:
+    """Register the estimators that installed packages declare in the entry-point group ``ENTRY_POINT_GROUP``.
 
     An entry point ``name = package.module:obj`` registers ``obj`` (a function or an ``Estimator``) under ``name``;
     one naming a module (``name = package.module``) is imported for its own ``register_estimator`` calls. Returns
     the names loaded. One that fails to load, or would replace an estimator of another name's owner, is skipped
-    with a one-line warning on stderr (``strict``: raises ``PluginError`` instead).
+    with a one-line warning on stderr.
     """
     from importlib.metadata import entry_points
 
     loaded = []
-    for ep in entry_points(group=group):
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
             if isinstance(obj, Estimator) or (callable(obj) and not isinstance(obj, type)):
@@ -231,9 +229,7 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> l
                     owner = getattr(existing.fn, "__module__", None) or "another module"
                     raise PluginError(f"the name {ep.name!r} is already registered by {owner}")
         except Exception as exc:
-            error = PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group}: {exc}")
-            if strict:
-                raise error from exc
+            error = PluginError(f"entry point {ep.name!r} ({ep.value}) of group {ENTRY_POINT_GROUP}: {exc}")
             print(f"biaslab: warning: skipped {error}", file=sys.stderr)
             continue
         loaded.append(ep.name)

@@ -450,7 +450,7 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
             rows.append({"source": source, "level": level, "kl_target": target,
                          **{k: getattr(s, k) for k in VALUE_STATS}, "n_samples": n, "seed": seed, "kl_scale": scale})
 
-    steps = [(kl, src) for kl in VALUE_KLS for src in ("closed", "mc", *[m[0] for m in VALUE_TOYS])]
+    steps = [(kl, src) for kl in VALUE_KLS for src in ("closed", "mc", *VALUE_TOYS)]
     for kl, src in tqdm(steps, desc="values", disable=not progress, leave=False):
         if src == "closed":
             add("gaussian closed form", "-", kl, gaussian_closed_form(kl))
@@ -458,7 +458,7 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
             seed = mc["seeds"][kl]
             add("gaussian monte carlo", "-", kl, gaussian_monte_carlo(kl, mc["n"], seed), mc["n"], seed)
         else:
-            model, V, T, seed = next(m for m in VALUE_TOYS if m[0] == src)
+            model, V, T, seed = src
             scale = kl_scale_for(model, V, T, seed, kl)
             for level in ("token", "sequence"):
                 stats = toy_exact(model, V, T, seed, scale, level)

@@ -61,9 +61,9 @@ def jsonable(obj: object, default: Callable[[object], object] | None = None) -> 
     raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
 
 
-def to_json(obj: object, indent: int | None = 2, default: Callable[[object], object] | None = None) -> str:
+def to_json(obj: object, default: Callable[[object], object] | None = None) -> str:
     """Strict JSON text of ``obj`` (see ``jsonable``): never a bare NaN or Infinity, user strings untouched."""
-    return json.dumps(jsonable(obj, default), indent=indent, allow_nan=False)
+    return json.dumps(jsonable(obj, default), indent=2, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -56,16 +56,16 @@ def plot_bias_variance(ax_bias, ax_var, rows: Sequence[dict], x: str, xlabel: st
         ax.grid(True, which="major", alpha=0.3)
 
 
-def legend_below(fig, ax, ncol: int = 4) -> None:
+def legend_below(fig, ax) -> None:
     """One legend for the whole figure, under the axes."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=9)
 
 
-def png_bytes(fig, dpi: int = 110) -> bytes:
+def png_bytes(fig) -> bytes:
     """``fig`` rendered to PNG bytes without timestamps or versions in the metadata (identical from run to run)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
     return buf.getvalue()
 
 

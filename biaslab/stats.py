@@ -54,16 +54,16 @@ class Moments:
         return cls(0, z, z.clone(), torch.zeros(dim, dim, dtype=torch.float64) if dim <= FULL_COV_MAX else None)
 
     @classmethod
-    def accumulate(cls, chunks: Iterable[Tensor], full_cov: bool | None = None) -> Moments:
+    def accumulate(cls, chunks: Iterable[Tensor]) -> Moments:
         """Running moments over an iterable of (n_i, P) chunks: only one chunk is held at a time."""
         m = cls.empty()
         for x in chunks:
-            m = m.update(x, full_cov)
+            m = m.update(x)
         return m
 
-    def update(self, x: Tensor, full_cov: bool | None = None) -> Moments:
+    def update(self, x: Tensor) -> Moments:
         """These moments merged with those of the rows of ``x`` (n, P) (a new object; ``self`` is unchanged)."""
-        return self.merge(Moments.from_samples(x, full_cov))
+        return self.merge(Moments.from_samples(x))
 
     @classmethod
     def from_samples(cls, x: Tensor, full_cov: bool | None = None) -> Moments:
@@ -225,12 +225,11 @@ def bias_test(
     alpha: float = 0.05,
     n_projections: int | None = None,
     seed: int = 0,
-    power: float = 0.9,
     ridge: float = RIDGE,
 ) -> BiasTest:
     """Test H0: E[g] = r against an exact ``reference`` r, or against the mean of ``reference_samples`` of an
-    unbiased estimator (two-sample). ``n_projections`` (default: all coordinates when P <= 64, else 16) runs the
-    test on that many orthonormal projections. See the module docstring for the formulas."""
+    unbiased estimator (two-sample). ``n_projections`` (default: all coordinates when P <= N_PROJECTIONS, else
+    N_PROJECTIONS) runs the test on that many orthonormal projections. See the module docstring for the formulas."""
     from scipy import stats
 
     if reference is None:
@@ -287,7 +286,7 @@ def bias_test(
         dof = (p,)
     # worst-direction detectable bias: the noncentrality of the F (or chi-square) statistic is
     # lambda = b^T S_b^-1 b >= ||b||^2 / max eig(S_b)  (for Hotelling's F, n b^T Sigma^-1 b: no rescaling)
-    lam = _noncentrality_for_power(p, df2, alpha, power)
+    lam = _noncentrality_for_power(p, df2, alpha, 0.9)
     detectable = math.sqrt(lam * float(evals.max()))  # worst direction: the largest variance
 
     # relative bias along the reference direction, with a normal CI

@@ -120,11 +120,8 @@ def small_problem_threads(work: int | None = None) -> Iterator[int]:
     restores the previous count on exit, exceptions included."""
     global _ours
     before, before_ours = torch.get_num_threads(), _ours
-    k = choose_threads(work)
     try:
-        if k is not None:
-            _set(k)
-        yield torch.get_num_threads()
+        yield thread_policy(work)
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
