@@ -18,34 +18,11 @@ from .toy import AutoregressiveModel, ModelError, NeuralAR, TabularAR, make_pair
 __version__ = "0.1.0"
 
 __all__ = [
-    "Estimator",
-    "EstimatorError",
-    "clamped",
-    "get_estimator",
-    "register_estimator",
-    "registered_estimators",
-    "straight_through",
-    "EnumerationTooLarge",
-    "ExactEngine",
-    "ExactResult",
-    "enumerate_sequences",
-    "Credit",
-    "KLConfig",
-    "Level",
-    "Placement",
-    "TokenBatch",
-    "all_configs",
-    "make_config",
-    "Recipe",
-    "audit_loss",
-    "AutoregressiveModel",
-    "ModelError",
-    "NeuralAR",
-    "TabularAR",
-    "make_pair",
-    "__version__",
+    "Estimator", "EstimatorError", "clamped", "get_estimator", "register_estimator", "registered_estimators",
+    "straight_through", "EnumerationTooLarge", "ExactEngine", "ExactResult", "enumerate_sequences",
+    "Credit", "KLConfig", "Level", "Placement", "TokenBatch", "all_configs", "make_config", "Recipe", "audit_loss",
+    "AutoregressiveModel", "ModelError", "NeuralAR", "TabularAR", "make_pair", "__version__",
 ]
-
 
 
 def __getattr__(name: str):

@@ -169,8 +169,7 @@ class CheckReport:
                 s += f"no named direction, nearest {m.nearest} (cos {m.nearest_cos:.4f})"
             else:
                 s += f"{'matches' if self.mode == 'exact' else 'closest'} {m.matches}"
-            s += f", rel bias {m.rel_bias:.3g}"
-            s += f", var ratio {m.variance_ratio:.3g}"
+            s += f", rel bias {m.rel_bias:.3g}, var ratio {m.variance_ratio:.3g}"
             if self.mode == "mc":
                 s += (
                     f", estimated {m.estimated_rel_bias:.3g} CI [{m.ci_low:.3g}, {m.ci_high:.3g}],"
@@ -276,14 +275,6 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
     )
 
 
-def _combine_exact(verdicts: set[str]) -> str:
-    if len(verdicts) == 1:
-        return next(iter(verdicts))
-    if "undefined" in verdicts:
-        return "undefined"
-    return "biased"
-
-
 def check_estimator(
     estimator: Callable | Estimator | str,
     placement: str = "both",
@@ -333,15 +324,17 @@ def check_estimator(
                 _check_mc(config, baseline, label, policy, ref, samples, alpha / models, seed + 1000 * i, progress)
             )
     if mode == "exact":
-        verdict = _combine_exact({c.verdict for c in checks})
+        verdicts = {c.verdict for c in checks}
+        verdict = verdicts.pop() if len(verdicts) == 1 else ("undefined" if "undefined" in verdicts else "biased")
+        common = [d for d in DIRECTIONS if all(d == c.matches for c in checks)]
+        p = detectable = math.nan
     else:
         verdict = "biased" if any(c.verdict == "biased" for c in checks) else "no bias detected"
-    if mode == "exact":
-        common = [d for d in list(DIRECTIONS) if all(d == c.matches for c in checks)]
-    else:  # not rejected on every model; the one the point estimates are closest to most often first
-        common = [d for d in list(DIRECTIONS) if all(d in c.consistent_with for c in checks)]
+        # not rejected on every model; the one the point estimates are closest to most often first
+        common = [d for d in DIRECTIONS if all(d in c.consistent_with for c in checks)]
         common.sort(key=lambda d: -sum(c.matches == d for c in checks))
-    p = min(min(c.p_value for c in checks) * models, 1.0) if mode == "mc" else math.nan
+        p = min(min(c.p_value for c in checks) * models, 1.0)
+        detectable = max(c.detectable_rel_bias for c in checks)
     rel = [c.rel_bias for c in checks if not math.isnan(c.rel_bias)]
     return CheckReport(
         estimator=est.name,
@@ -354,7 +347,7 @@ def check_estimator(
         worst_rel_bias=max(rel) if rel else max(abs(c.estimated_rel_bias) for c in checks),
         variance_ratio=max(c.variance_ratio for c in checks),
         p_value=p,
-        detectable_rel_bias=max(c.detectable_rel_bias for c in checks) if mode == "mc" else math.nan,
+        detectable_rel_bias=detectable,
         alpha=alpha,
         samples=samples if mode == "mc" else 0,
         models=checks,
@@ -366,22 +359,16 @@ def check_estimator(
 
 def _run(args: argparse.Namespace) -> int:
     fn = load_function(args.function)
+    same_name = ("mode", "vocab", "length", "models", "samples", "seed", "alpha", "kl_scale")
     report = check_estimator(
         fn,
         args.placement,
         args.level,
         args.credit,
-        mode=args.mode,
-        vocab=args.vocab,
-        length=args.length,
-        models=args.models,
-        samples=args.samples,
-        seed=args.seed,
         model_kind=args.model,
-        alpha=args.alpha,
-        kl_scale=args.kl_scale,
         name=args.function.rsplit(":", 1)[1],
         progress=bool(args.progress),
+        **{k: getattr(args, k) for k in same_name},
     )
     if args.format == "json":
         from .io import to_json

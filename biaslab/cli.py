@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from argparse import SUPPRESS
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -45,22 +45,9 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 
 __all__ = [
-    "DEFAULT_ALPHA",
-    "DEFAULT_KL_SCALE",
-    "HelpFormatter",
-    "PluginError",
-    "add_common_flags",
-    "build_parser",
-    "kl_scale",
-    "load_entry_points",
-    "import_source",
-    "load_plugin",
-    "main",
-    "nonnegative_int",
-    "output_dir",
-    "positive_int",
-    "probability",
-    "vocab_size",
+    "DEFAULT_ALPHA", "DEFAULT_KL_SCALE", "HelpFormatter", "PluginError", "add_common_flags", "build_parser",
+    "kl_scale", "load_entry_points", "import_source", "load_plugin", "main", "nonnegative_int", "output_dir",
+    "positive_int", "probability", "vocab_size",
 ]
 
 
@@ -71,53 +58,41 @@ class PluginError(ValueError):
 # ---------------------------------------------------------------------------------------------- flag types
 
 
-def _number(text: str, kind: type) -> float | int:
+def _number(text: str, kind: type, ok: Callable[[float], bool], requirement: str) -> float | int:
+    """``text`` as a ``kind``; an argparse error "<requirement>, got <text>" unless ``ok(value)``."""
     try:
         value = kind(text)
     except (TypeError, ValueError):
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
     return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "must be a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "must be an integer >= 0")
 
 
 def vocab_size(text: str) -> int:
     """argparse type: a vocabulary size V >= 2 (with one token every distribution is the same)."""
-    value = _number(text, int)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a vocabulary needs at least 2 tokens, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 2, "a vocabulary needs at least 2 tokens")
 
 
 def probability(text: str) -> float:
     """argparse type: a level or probability strictly between 0 and 1 (e.g. ``--alpha``)."""
-    value = _number(text, float)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < 1, "must lie strictly between 0 and 1")
 
 
 def kl_scale(text: str) -> float:
     """argparse type: a finite scale >= 0 (``--kl-scale``: policy = reference + C * noise)."""
-    value = _number(text, float)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 
 
 def output_dir(text: str) -> Path | None:
@@ -151,17 +126,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text
 
     def _format_text(self, text: str) -> str:
-        return super()._format_text(text.replace("``", "").replace("`", ""))
+        return super()._format_text(text.replace("`", ""))
 
     def _expand_help(self, action: argparse.Action) -> str:
-        return super()._expand_help(action).replace("``", "").replace("`", "")
+        return super()._expand_help(action).replace("`", "")
 
 
 def add_common_flags(
     parser: argparse.ArgumentParser,
     *,
     formats: Sequence[str] | None = ("text", "json"),
-    default_format: str | None = None,
     progress: bool = True,
     seed: bool = False,
     toy: bool = False,
@@ -171,39 +145,28 @@ def add_common_flags(
 ) -> None:
     """Add the flags every subcommand spells the same way.
 
-    formats: choices of ``--format`` (first is the default unless ``default_format``); None for no ``--format``.
+    formats: choices of ``--format`` (the first is the default); None for no ``--format``.
     progress: ``--progress/--no-progress`` (default: on when stderr is a terminal; ``main`` resolves it).
     seed: ``--seed`` (default 0). toy: ``--vocab`` (>= 2, default 3) and ``--length`` (>= 1, default 4).
     kl_scale: ``--kl-scale`` (default ``DEFAULT_KL_SCALE``). alpha: ``--alpha`` in (0, 1) (default
     ``DEFAULT_ALPHA``). out: ``--out FOLDER`` with this default, checked writable at parse time ('' = none).
     """
     if formats:
-        parser.add_argument(
-            "--format", choices=list(formats), default=default_format or formats[0], help="output format"
-        )
+        parser.add_argument("--format", choices=list(formats), default=formats[0], help="output format")
     if progress:
-        parser.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="progress bars on stderr (default: on when stderr is a terminal)",
-        )
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                            help="progress bars on stderr (default: on when stderr is a terminal)")
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed")
     if toy:
         parser.add_argument("--vocab", type=vocab_size, default=DEFAULT_VOCAB, help="vocabulary size V (>= 2)")
         parser.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help="sequence length T (>= 1)")
     if kl_scale:
-        parser.add_argument(
-            "--kl-scale",
-            type=_kl_scale_type,
-            default=DEFAULT_KL_SCALE,
-            help="policy = reference + C * noise",
-        )
+        parser.add_argument("--kl-scale", type=_kl_scale_type, default=DEFAULT_KL_SCALE,
+                            help="policy = reference + C * noise")
     if alpha:
-        parser.add_argument(
-            "--alpha", type=probability, default=DEFAULT_ALPHA, help="family-wise false-alarm rate, in (0, 1)"
-        )
+        parser.add_argument("--alpha", type=probability, default=DEFAULT_ALPHA,
+                            help="family-wise false-alarm rate, in (0, 1)")
     if out is not None:
         parser.add_argument("--out", type=output_dir, default=out, help="output folder ('' for none)")
 
@@ -244,18 +207,18 @@ def load_plugin(spec: str) -> None:
     import_source(spec, PluginError, "--plugin ")
 
 
-def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> list[str]:
-    """Register the estimators that installed packages declare in the entry-point group ``group``.
+def load_entry_points() -> list[str]:
+    """Register the estimators that installed packages declare in the entry-point group ``ENTRY_POINT_GROUP``.
 
     An entry point ``name = package.module:obj`` registers ``obj`` (a function or an ``Estimator``) under ``name``;
     one naming a module (``name = package.module``) is imported for its own ``register_estimator`` calls. Returns
     the names loaded. One that fails to load, or would replace an estimator of another name's owner, is skipped
-    with a one-line warning on stderr (``strict``: raises ``PluginError`` instead).
+    with a one-line warning on stderr.
     """
     from importlib.metadata import entry_points
 
     loaded = []
-    for ep in entry_points(group=group):
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
             if isinstance(obj, Estimator) or (callable(obj) and not isinstance(obj, type)):
@@ -263,19 +226,14 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP, strict: bool = False) -> l
                 if existing is None:
                     register_estimator(ep.name, obj)
                 elif existing.fn is not getattr(obj, "fn", obj):
-                    raise PluginError(f"the name {ep.name!r} is already registered by {_owner(existing)}")
+                    owner = getattr(existing.fn, "__module__", None) or "another module"
+                    raise PluginError(f"the name {ep.name!r} is already registered by {owner}")
         except Exception as exc:
-            error = PluginError(f"entry point {ep.name!r} ({ep.value}) of group {group}: {exc}")
-            if strict:
-                raise error from exc
+            error = PluginError(f"entry point {ep.name!r} ({ep.value}) of group {ENTRY_POINT_GROUP}: {exc}")
             print(f"biaslab: warning: skipped {error}", file=sys.stderr)
             continue
         loaded.append(ep.name)
     return loaded
-
-
-def _owner(est: Estimator) -> str:
-    return getattr(est.fn, "__module__", None) or "another module"
 
 
 def _known_plugins(argv: Sequence[str]) -> list[str]:
@@ -332,9 +290,9 @@ def _figures(args: argparse.Namespace) -> int:
     written = make_figures(args.out, quick=args.quick, progress=args.progress, only=only)
     if args.format == "json":
         print(to_json({"out": str(args.out), "quick": args.quick, "written": [str(p) for p in written]}))
-        return 0
-    for path in written:
-        print(path)
+    else:
+        for path in written:
+            print(path)
     return 0
 
 
@@ -400,14 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- main
 
 #: errors a user can fix: one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    EstimatorError,
-    ModelError,
-    EnumerationTooLarge,
-    PluginError,
-    ValueError,
-    OSError,
-)
+USER_ERRORS = (EstimatorError, ModelError, EnumerationTooLarge, PluginError, ValueError, OSError)
 
 
 def _check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -50,11 +50,8 @@ class Artifact:
     stem: str
     files: dict[Path, bytes] = field(default_factory=dict)
 
-    def path(self, suffix: str) -> Path:
-        return self.out / f"{self.stem}{suffix}"
-
     def add(self, suffix: str, data: bytes | str) -> Path:
-        path = self.path(suffix)
+        path = self.out / f"{self.stem}{suffix}"
         self.files[path] = data.encode() if isinstance(data, str) else data
         return path
 
@@ -95,9 +92,8 @@ def table1(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     for model, V, T, seed, kl_scale in TABLE1_MODELS:
         policy, ref = make_pair(model, V, T, seed=seed, kl_scale=kl_scale)
         engine, results = exact_table(policy, ref)
-        sections.append(
-            to_markdown(results, engine, title=f"{model} toy (V={V}, T={T}, seed {seed}, kl_scale {kl_scale})")
-        )
+        title = f"{model} toy (V={V}, T={T}, seed {seed}, kl_scale {kl_scale})"
+        sections.append(to_markdown(results, engine, title=title))
         rows += [{"model": model, **r} for r in table_rows(results)]
     header = (
         "# Table 1 (computed): which KL configurations give the gradient of KL(pi || pi_ref)\n\n"
@@ -366,6 +362,7 @@ def direction_rows(model: str, V: int, T: int, seed: int, kl_scale: float) -> li
     from .exact import ExactEngine
     from .placements import make_config
     from .toy import make_pair
+    from .verdict import cosine
 
     policy, ref = make_pair(model, V, T, seed=seed, kl_scale=kl_scale)
     engine = ExactEngine(policy, ref)
@@ -381,15 +378,10 @@ def direction_rows(model: str, V: int, T: int, seed: int, kl_scale: float) -> li
             {
                 **dict(zip(DIRECTION_FIELDS, values)),
                 "matches": ";".join(r.all_matches),
-                **{f"cos_{k}": float("nan") if zero else _cosine(r.expected_grad, dirs[k]) for k in DIRECTION_COLUMNS},
+                **{f"cos_{k}": float("nan") if zero else cosine(r.expected_grad, dirs[k]) for k in DIRECTION_COLUMNS},
             }
         )
     return rows
-
-
-def _cosine(a, b) -> float:
-    na, nb = float(a.norm()), float(b.norm())
-    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
 
 
 @figure("directions")
@@ -458,7 +450,7 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
             rows.append({"source": source, "level": level, "kl_target": target,
                          **{k: getattr(s, k) for k in VALUE_STATS}, "n_samples": n, "seed": seed, "kl_scale": scale})
 
-    steps = [(kl, src) for kl in VALUE_KLS for src in ("closed", "mc", *[m[0] for m in VALUE_TOYS])]
+    steps = [(kl, src) for kl in VALUE_KLS for src in ("closed", "mc", *VALUE_TOYS)]
     for kl, src in tqdm(steps, desc="values", disable=not progress, leave=False):
         if src == "closed":
             add("gaussian closed form", "-", kl, gaussian_closed_form(kl))
@@ -466,17 +458,11 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
             seed = mc["seeds"][kl]
             add("gaussian monte carlo", "-", kl, gaussian_monte_carlo(kl, mc["n"], seed), mc["n"], seed)
         else:
-            model, V, T, seed = next(m for m in VALUE_TOYS if m[0] == src)
+            model, V, T, seed = src
             scale = kl_scale_for(model, V, T, seed, kl)
             for level in ("token", "sequence"):
-                add(
-                    f"{model} toy V={V} T={T} (exact)",
-                    level,
-                    kl,
-                    toy_exact(model, V, T, seed, scale, level),
-                    seed=seed,
-                    scale=scale,
-                )
+                stats = toy_exact(model, V, T, seed, scale, level)
+                add(f"{model} toy V={V} T={T} (exact)", level, kl, stats, seed=seed, scale=scale)
     rows = art.add_csv(rows, VALUE_FIELDS)
     art.add(".md", values_markdown(rows))
     art.add_meta(
@@ -511,12 +497,7 @@ def values_markdown(rows: list[dict]) -> str:
         head,
         "|" + "---|" * (3 + 2 * len(ests)),
     ]
-    keys: list[tuple] = []
-    for r in rows:
-        key = (r["source"], r["level"], r["kl_target"])
-        if key not in keys:
-            keys.append(key)
-    for source, level, target in keys:
+    for source, level, target in dict.fromkeys((r["source"], r["level"], r["kl_target"]) for r in rows):
         sel = {r["estimator"]: r for r in rows if (r["source"], r["level"], r["kl_target"]) == (source, level, target)}
         cells = []
         for e in ests:

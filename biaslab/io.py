@@ -5,7 +5,7 @@ tabular models.
   paths, enums and dataclasses become plain JSON types). Strings are never rewritten.
 * ``atomic_write_*``: a file is replaced whole or not at all; ``atomic_write_many`` replaces a set of files together
   (each written to a temporary name in its folder first; Ctrl-C is held back while they are renamed).
-* ``csv_text`` / ``csv_frame``: CSV from a pandas DataFrame with floats printed to fixed rounding, so regenerated
+* ``csv_text``: CSV from a pandas DataFrame with floats printed to fixed rounding, so regenerated
   files are byte-identical.
 """
 
@@ -61,9 +61,9 @@ def jsonable(obj: object, default: Callable[[object], object] | None = None) -> 
     raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
 
 
-def to_json(obj: object, indent: int | None = 2, default: Callable[[object], object] | None = None) -> str:
+def to_json(obj: object, default: Callable[[object], object] | None = None) -> str:
     """Strict JSON text of ``obj`` (see ``jsonable``): never a bare NaN or Infinity, user strings untouched."""
-    return json.dumps(jsonable(obj, default), indent=indent, allow_nan=False)
+    return json.dumps(jsonable(obj, default), indent=2, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -131,20 +131,12 @@ def atomic_write_many(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
     return [path for _, path in temps]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and an atomic rename.
 
     A failure leaves any earlier file at ``path`` untouched.
     """
-    return atomic_write_many({path: data})[0]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | os.PathLike, obj: object) -> Path:
-    return atomic_write_text(path, to_json(obj) + "\n")
+    return atomic_write_many({path: text.encode()})[0]
 
 
 def atomic_write_figure(out: str | os.PathLike, stem: str, png: bytes, csv: str, meta: object) -> list[Path]:
@@ -164,9 +156,7 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--out {path}: is a file, not a folder")
     probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+    while not probe.exists() and probe.parent != probe:  # the nearest existing parent
         probe = probe.parent
     if not probe.is_dir():
         raise NotADirectoryError(f"--out {path}: {probe} is a file, not a folder")
@@ -185,16 +175,13 @@ def check_output_dir(path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------- CSV
 
 
-def csv_frame(rows: Iterable[Mapping[str, object]], fields: list[str]):
-    """A pandas DataFrame of ``rows`` restricted to ``fields``, cells formatted for a deterministic CSV."""
+def csv_text(rows: Iterable[Mapping[str, object]], fields: list[str]) -> str:
+    """CSV text (header + one line per row, "\\n" line ends) of ``rows`` restricted to ``fields``, written by
+    ``DataFrame.to_csv`` with cells formatted by ``_fmt``."""
     import pandas as pd
 
-    return pd.DataFrame([{k: _fmt(r.get(k)) for k in fields} for r in rows], columns=fields, dtype=object)
-
-
-def csv_text(rows: Iterable[Mapping[str, object]], fields: list[str]) -> str:
-    """CSV text (header + one line per row, "\\n" line ends) of ``rows``, written by ``DataFrame.to_csv``."""
-    return csv_frame(rows, fields).to_csv(index=False, lineterminator="\n")
+    frame = pd.DataFrame([{k: _fmt(r.get(k)) for k in fields} for r in rows], columns=fields, dtype=object)
+    return frame.to_csv(index=False, lineterminator="\n")
 
 
 class Rows(list):
@@ -245,16 +232,18 @@ def load_logits_npz(path: str | os.PathLike) -> tuple[TabularAR, TabularAR]:
             "policy_{T-1} and ref_0 .. ref_{T-1}, as written by numpy.savez"
         )
     keys = set(data.files)
-    T = 0
-    while f"policy_{T}" in keys:
-        T += 1
+
+    def levels(prefix: str) -> int:  # how many of prefix_0, prefix_1, ... are present, in order
+        t = 0
+        while f"{prefix}_{t}" in keys:
+            t += 1
+        return t
+
+    T, T_ref = levels("policy"), levels("ref")
     if T == 0:
         raise ModelError(
             f"{path}: expected arrays policy_0 .. policy_{{T-1}} and ref_0 .. ref_{{T-1}}; found {sorted(keys)}"
         )
-    T_ref = 0
-    while f"ref_{T_ref}" in keys:
-        T_ref += 1
     if T_ref != T:
         raise ModelError(f"{path}: policy has {T} levels but reference has {T_ref}; lengths must match")
     extra = keys - {f"policy_{t}" for t in range(T)} - {f"ref_{t}" for t in range(T)}

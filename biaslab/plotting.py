@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 
 BIAS_FLOOR = 1e-12
@@ -30,37 +31,21 @@ def style(label: str) -> dict:
     return STYLES.get(label, dict(marker="o", ls="-"))
 
 
-def floored(values: Sequence[float], floor: float = BIAS_FLOOR) -> list[float]:
-    """Values below ``floor`` (exact zeros up to round-off) raised to ``floor`` for a log axis."""
-    return [max(v, floor) for v in values]
-
-
-def shade_floor(ax, floor: float = BIAS_FLOOR, text: str = "exactly unbiased (|bias| < 1e-12, float64 round-off)"):
-    """Grey band at the bottom of a log-y axis marking where exact zeros are drawn."""
-    ax.axhspan(floor / 10, floor * 3, color="0.9", zorder=0)
-    ax.text(0.02, floor * 4, text, transform=ax.get_yaxis_transform(), fontsize=7, color="0.35", va="bottom")
-    ax.set_ylim(floor / 10, max(ax.get_ylim()[1], 3.0))  # keep the range up to O(1) biases in view
-
-
-def by_config(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by their ``config`` label, in first-seen order."""
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        out.setdefault(r["config"], []).append(r)
-    return out
-
-
 def plot_bias_variance(ax_bias, ax_var, rows: Sequence[dict], x: str, xlabel: str, log_x: bool = False) -> None:
     """Relative bias (log y, exact zeros at the floor) and per-sample variance (log y) of each configuration
     against the field ``x`` of ``rows`` (rows as from ``biaslab.sweeps``, numbers as floats)."""
-    for label, rs in by_config(rows).items():
-        rs = sorted(rs, key=lambda r: float(r[x]))
+    for label in dict.fromkeys(r["config"] for r in rows):  # configurations in first-seen order
+        rs = sorted((r for r in rows if r["config"] == label), key=lambda r: float(r[x]))
         xs = [float(r[x]) for r in rs]
         st = style(label)
-        ax_bias.plot(xs, floored([float(r["rel_bias"]) for r in rs]), label=label, **st)
+        ax_bias.plot(xs, [max(float(r["rel_bias"]), BIAS_FLOOR) for r in rs], label=label, **st)
         ax_var.plot(xs, [float(r["variance"]) for r in rs], label=label, **st)
     ax_bias.set_yscale("log")
-    shade_floor(ax_bias)
+    # a grey band at the bottom marks where exact zeros (up to round-off) are drawn
+    ax_bias.axhspan(BIAS_FLOOR / 10, BIAS_FLOOR * 3, color="0.9", zorder=0)
+    ax_bias.text(0.02, BIAS_FLOOR * 4, "exactly unbiased (|bias| < 1e-12, float64 round-off)",
+                 transform=ax_bias.get_yaxis_transform(), fontsize=7, color="0.35", va="bottom")
+    ax_bias.set_ylim(BIAS_FLOOR / 10, max(ax_bias.get_ylim()[1], 3.0))  # keep the range up to O(1) biases in view
     ax_bias.set_ylabel(r"relative bias $\|E[g]-\nabla KL\| \,/\, \|\nabla KL\|$")
     ax_var.set_yscale("log")
     ax_var.set_ylabel(r"per-sample variance tr Cov$[g]$")
@@ -71,16 +56,16 @@ def plot_bias_variance(ax_bias, ax_var, rows: Sequence[dict], x: str, xlabel: st
         ax.grid(True, which="major", alpha=0.3)
 
 
-def legend_below(fig, ax, ncol: int = 4) -> None:
+def legend_below(fig, ax) -> None:
     """One legend for the whole figure, under the axes."""
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=9)
 
 
-def png_bytes(fig, dpi: int = 110) -> bytes:
+def png_bytes(fig) -> bytes:
     """``fig`` rendered to PNG bytes without timestamps or versions in the metadata (identical from run to run)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None}, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
     return buf.getvalue()
 
 
@@ -117,18 +102,9 @@ def _scatter_directions(
         ax.plot([x], [y], marker="o", ms=ms, color="tab:blue", alpha=0.35, zorder=2, ls="none")
         crowded = sum(math.hypot(x - px, y - py) < 0.03 * span for px, py in placed)
         if crowded:
-            ax.annotate(
-                str(i),
-                (x, y),
-                xytext=(-14 * crowded, -16 * crowded),
-                textcoords="offset points",
-                ha="center",
-                va="center",
-                fontsize=7,
-                weight="bold",
-                zorder=3,
-                arrowprops=dict(arrowstyle="-", color="0.4", lw=0.6),
-            )
+            ax.annotate(str(i), (x, y), xytext=(-14 * crowded, -16 * crowded), textcoords="offset points", ha="center",
+                        va="center", fontsize=7, weight="bold", zorder=3,
+                        arrowprops=dict(arrowstyle="-", color="0.4", lw=0.6))
         else:
             ax.annotate(str(i), (x, y), ha="center", va="center", fontsize=7, weight="bold", zorder=3)
         placed.append((x, y))
@@ -183,27 +159,14 @@ def plot_directions(ax, rows: Sequence[dict], zoom_ax=None, text_ax=None, zoom_m
         if zero:
             lines.append("E[g] = 0 (no direction, not drawn): " + ", ".join(zero))
         text_ax.axis("off")
-        text_ax.text(
-            0,
-            1,
-            "\n".join(_wrap(line, 110) for line in lines),
-            va="top",
-            ha="left",
-            fontsize=8,
-            family="monospace",
-            transform=text_ax.transAxes,
-        )
+        text = "\n".join(textwrap.fill(line, 110, subsequent_indent="   ") for line in lines)
+        text_ax.text(0, 1, text, va="top", ha="left", fontsize=8, family="monospace", transform=text_ax.transAxes)
 
 
 def _padded(lo: float, hi: float) -> tuple[float, float]:
     pad = max(0.1 * (hi - lo), 0.01)
     return lo - pad, hi + pad
 
-
-def _wrap(line: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(line, width, subsequent_indent="   "))
 
 
 DIRECTION_LABELS = {
@@ -222,11 +185,12 @@ def plot_direction_matrix(ax, rows: Sequence[dict], columns: Sequence[str], row_
     and says so. ``rows`` as in ``biaslab.figures.DIRECTION_FIELDS`` (fields ``config``, ``matches``,
     ``cos_<direction>``)."""
     import numpy as np
+    from matplotlib import colormaps
     from matplotlib.patches import Rectangle
 
     values = np.array([[float(r[f"cos_{c}"]) for c in columns] for r in rows], dtype=float)  # (configs, dirs)
     shown = np.ma.masked_invalid(values)
-    cmap = _cmap("RdBu_r").with_extremes(bad="0.85")
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
     ax.imshow(shown, cmap=cmap, vmin=-1, vmax=1, aspect="auto")
     for i, r in enumerate(rows):
         matched = set(str(r.get("matches") or "").split(";"))
@@ -252,8 +216,3 @@ def plot_direction_matrix(ax, rows: Sequence[dict], columns: Sequence[str], row_
     ax.grid(which="minor", color="white", lw=1.5)
     ax.tick_params(which="minor", length=0)
 
-
-def _cmap(name: str):
-    from matplotlib import colormaps
-
-    return colormaps[name]

@@ -5,8 +5,7 @@ Notation: g_1..g_n are i.i.d. per-sample gradient estimates (vectors of P number
 covariance Sigma; r is the reference gradient (exact, or itself estimated from n_r samples of an unbiased
 estimator). The bias is b = m - r.
 
-* ``Moments``: n, the mean and centred second moments, merged exactly (Chan et al.) so that statistics gathered
-  on several processes combine into the ones a single process would have computed.
+* ``Moments``: n, the mean and centred second moments, merged exactly across processes (``Moments.merge``).
 * ``bias_test``: Hotelling's T^2 test of H0: b = 0. With the per-sample covariance S (P x P) and bias estimate
   b_hat = mean - r, T^2 = b_hat^T (S/n)^+ b_hat and (n - p) / (p (n - 1)) T^2 ~ F(p, n - p) under H0 (p = rank,
   Gaussian approximation of the mean, which the CLT makes accurate at the sizes used). When P is large the test
@@ -17,8 +16,7 @@ estimator). The bias is b = m - r.
   interval, and the smallest projected-bias norm the test detects with power 0.9 whatever its direction.
 * ``detectable_bias``: the smallest bias norm a level-alpha test detects with a given power, from n and the
   covariance alone (before sampling: how many samples does a given bias need?).
-* ``direction_tests``: one test of E[g] = d for each of several named directions d, with a Holm (or Bonferroni)
-  correction, the directions not rejected and the one the point estimate is closest to.
+* ``direction_tests``: E[g] = d for several named directions d, Holm- (or Bonferroni-) corrected.
 * ``mse_prediction``: E||mean_N - r||^2 = ||b||^2 + tr(Sigma) / N.
 """
 
@@ -27,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -50,23 +48,22 @@ class Moments:
     comoment: Tensor | None = None
 
     @classmethod
-    def empty(cls, dim: int = 0, full_cov: bool | None = None) -> Moments:
+    def empty(cls, dim: int = 0) -> Moments:
         """Moments of no samples (the start of a running accumulation); merging adopts the other side."""
-        full_cov = dim <= FULL_COV_MAX if full_cov is None else full_cov
         z = torch.zeros(dim, dtype=torch.float64)
-        return cls(0, z, z.clone(), torch.zeros(dim, dim, dtype=torch.float64) if full_cov else None)
+        return cls(0, z, z.clone(), torch.zeros(dim, dim, dtype=torch.float64) if dim <= FULL_COV_MAX else None)
 
     @classmethod
-    def accumulate(cls, chunks: Iterable[Tensor], full_cov: bool | None = None) -> Moments:
+    def accumulate(cls, chunks: Iterable[Tensor]) -> Moments:
         """Running moments over an iterable of (n_i, P) chunks: only one chunk is held at a time."""
         m = cls.empty()
         for x in chunks:
-            m = m.update(x, full_cov)
+            m = m.update(x)
         return m
 
-    def update(self, x: Tensor, full_cov: bool | None = None) -> Moments:
+    def update(self, x: Tensor) -> Moments:
         """These moments merged with those of the rows of ``x`` (n, P) (a new object; ``self`` is unchanged)."""
-        return self.merge(Moments.from_samples(x, full_cov))
+        return self.merge(Moments.from_samples(x))
 
     @classmethod
     def from_samples(cls, x: Tensor, full_cov: bool | None = None) -> Moments:
@@ -121,11 +118,6 @@ class Moments:
         if self.comoment is None:
             raise ValueError("these moments keep no full covariance (P too large); project the samples first")
         return self.comoment / max(self.n - 1, 1)
-
-    @property
-    def se(self) -> Tensor:
-        """(P,) standard error of each coordinate of the mean."""
-        return (self.var / self.n).sqrt()
 
     def project(self, q: Tensor) -> Moments:
         """Moments of Q x for a (k, P) matrix Q (exact: needs the full comoment)."""
@@ -194,24 +186,18 @@ class BiasTest:
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "n_ref": self.n_ref,
-            "bias_norm": self.bias_norm,
-            "rel_bias": self.rel_bias,
-            "rel_bias_along_reference": self.along,
-            "ci_low": self.ci_low,
-            "ci_high": self.ci_high,
-            "statistic": self.statistic,
-            "p_value": self.p_value,
-            "dof": list(self.dof),
-            "detectable_bias": self.detectable_bias,
-            "detectable_rel_bias": self.detectable_rel_bias,
-            "variance": self.variance,
-            "alpha": self.alpha,
-            "biased": self.biased,
-            "method": self.method,
-        }
+        """Every field but ``bias`` and ``extra``; ``along`` is named ``rel_bias_along_reference``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("bias", "extra")}
+        out["dof"] = list(self.dof)
+        return {("rel_bias_along_reference" if k == "along" else k): v for k, v in out.items()}
+
+
+def _kept_eigen(s_b: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Eigenvalues (p,) and eigenvectors (k, p) of the covariance of the mean ``s_b`` above 1e-10 x the largest,
+    and the largest eigenvalue."""
+    evals, evecs = torch.linalg.eigh(s_b)
+    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
+    return evals[keep], evecs[:, keep], float(evals.max())
 
 
 @functools.lru_cache(maxsize=256)
@@ -239,12 +225,11 @@ def bias_test(
     alpha: float = 0.05,
     n_projections: int | None = None,
     seed: int = 0,
-    power: float = 0.9,
     ridge: float = RIDGE,
 ) -> BiasTest:
     """Test H0: E[g] = r against an exact ``reference`` r, or against the mean of ``reference_samples`` of an
-    unbiased estimator (two-sample). ``n_projections`` (default: all coordinates when P <= 64, else 16) runs the
-    test on that many orthonormal projections. See the module docstring for the formulas."""
+    unbiased estimator (two-sample). ``n_projections`` (default: all coordinates when P <= N_PROJECTIONS, else
+    N_PROJECTIONS) runs the test on that many orthonormal projections. See the module docstring for the formulas."""
     from scipy import stats
 
     if reference is None:
@@ -283,13 +268,12 @@ def bias_test(
     s_b = m_t.cov / m_t.n  # (k, k) covariance of the mean
     if mr_t is not None:
         s_b = s_b + mr_t.cov / mr_t.n
-    evals, evecs = torch.linalg.eigh(s_b)
-    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
-    p = int(keep.sum())
+    evals, evecs, top = _kept_eigen(s_b)
+    p = evals.numel()
     # Eigenvalues below ridge * the largest are raised to it: directions that only rare samples reach have
     # badly underestimated variances, which would make T^2 anti-conservative; the floor makes it conservative.
-    floor = evals[keep].clamp_min(float(evals.max()) * ridge)
-    z = evecs[:, keep].T @ b / floor.sqrt()  # whitened bias, (p,)
+    floor = evals.clamp_min(top * ridge)
+    z = evecs.T @ b / floor.sqrt()  # whitened bias, (p,)
     t2 = float(z @ z)
     if mr_t is None and m.n > p + 1:
         df2 = float(m.n - p)
@@ -302,17 +286,19 @@ def bias_test(
         dof = (p,)
     # worst-direction detectable bias: the noncentrality of the F (or chi-square) statistic is
     # lambda = b^T S_b^-1 b >= ||b||^2 / max eig(S_b)  (for Hotelling's F, n b^T Sigma^-1 b: no rescaling)
-    lam = _noncentrality_for_power(p, df2, alpha, power)
-    detectable = math.sqrt(lam * float(evals[keep].max()))  # worst direction: the largest variance
+    lam = _noncentrality_for_power(p, df2, alpha, 0.9)
+    detectable = math.sqrt(lam * float(evals.max()))  # worst direction: the largest variance
 
     # relative bias along the reference direction, with a normal CI
     zq = stats.norm.ppf(1 - alpha / 2)
     if ref_norm > 0:
         u = reference / ref_norm
         along = float(bias @ u) / ref_norm
-        var_u = float(u @ m.cov @ u) / m.n if m.comoment is not None else float(m_t.cov[0, 0]) / m.n
-        if mr is not None:
-            var_u += float(u @ mr.cov @ u) / mr.n if mr.comoment is not None else float(mr_t.cov[0, 0]) / mr.n
+
+        def var_along(full: Moments, tested: Moments) -> float:  # variance of u . mean (tested row 0 is along u)
+            return (float(u @ full.cov @ u) if full.comoment is not None else float(tested.cov[0, 0])) / full.n
+
+        var_u = var_along(m, m_t) + (var_along(mr, mr_t) if mr is not None else 0.0)
         half = zq * math.sqrt(max(var_u, 0.0)) / ref_norm
     else:
         along, half = math.nan, math.nan
@@ -407,19 +393,18 @@ def detectable_bias(
         if n_ref < 2:
             raise ValueError("give n_ref >= 2 with cov_ref")
         s_b = s_b + as_matrix(cov_ref) / n_ref
-    evals, evecs = torch.linalg.eigh(s_b)
-    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
-    p = int(keep.sum())
+    evals, evecs, _ = _kept_eigen(s_b)
+    p = evals.numel()
     if p == 0:
         return 0.0  # no noise: any bias is detected
     df2 = float(n - p) if cov_ref is None and n > p + 1 else None
     lam = _noncentrality_for_power(p, df2, alpha, power)
     if direction is None:
-        return math.sqrt(lam * float(evals[keep].max()))
+        return math.sqrt(lam * float(evals.max()))
     u = torch.as_tensor(direction, dtype=torch.float64).reshape(-1)
     u = u / u.norm()
-    w = evecs[:, keep].T @ u  # (p,)
-    q = float((w * w / evals[keep]).sum())  # u^T S_b^+ u
+    w = evecs.T @ u  # (p,)
+    q = float((w * w / evals).sum())  # u^T S_b^+ u
     return math.sqrt(lam / q) if q > 0 else math.inf
 
 

@@ -28,26 +28,9 @@ FIG_CONFIGS: tuple[tuple[str, str, str, str, str | None], ...] = (
 )
 
 ROW_FIELDS = [
-    "model",
-    "vocab",
-    "length",
-    "seed",
-    "kl_scale",
-    "kl_reverse",
-    "kl_forward",
-    "grad_norm",
-    "config",
-    "estimator",
-    "placement",
-    "level",
-    "credit",
-    "rel_bias",
-    "bias_sq",
-    "variance",
-    "cos_reverse",
-    "cos_forward",
-    "verdict",
-    "matches",
+    *("model", "vocab", "length", "seed", "kl_scale", "kl_reverse", "kl_forward", "grad_norm"),
+    *("config", "estimator", "placement", "level", "credit"),
+    *("rel_bias", "bias_sq", "variance", "cos_reverse", "cos_forward", "verdict", "matches"),
 ]
 
 
@@ -81,50 +64,26 @@ def evaluate_rows(
     policy, ref = make_pair(model, vocab_size, length, seed=seed, kl_scale=kl_scale)
     engine = ExactEngine(policy, ref)
     tr = engine.truths()
-    grad_norm = float(tr.grad_reverse.norm())
-    base = {
-        "model": model,
-        "vocab": vocab_size,
-        "length": length,
-        "seed": seed,
-        "kl_scale": float(kl_scale),
-        "kl_reverse": tr.kl_reverse,
-        "kl_forward": tr.kl_forward,
-        "grad_norm": grad_norm,
-    }
+    base = {"model": model, "vocab": vocab_size, "length": length, "seed": seed, "kl_scale": float(kl_scale),
+            "kl_reverse": tr.kl_reverse, "kl_forward": tr.kl_forward, "grad_norm": float(tr.grad_reverse.norm())}
     rows = Rows()
     for label, cfg in configs:
         r = engine.evaluate(cfg)
-        rows.append(
-            {
-                "kind": "config",
-                **base,
-                "config": label,
-                "estimator": cfg.estimator.name,
-                "placement": cfg.placement.value,
-                "level": cfg.level.value,
-                "credit": cfg.credit.value if cfg.credit is not None else "",
-                "rel_bias": r.rel_bias,
-                "bias_sq": float(((r.expected_grad - tr.grad_reverse) ** 2).sum()),
-                "variance": r.variance,
-                "cos_reverse": r.cos_reverse,
-                "cos_forward": r.cos_forward,
-                "verdict": r.verdict,
-                "matches": r.matches,
-            }
-        )
+        rows.append({
+            "kind": "config", **base, "config": label, "estimator": cfg.estimator.name,
+            "placement": cfg.placement.value, "level": cfg.level.value,
+            "credit": cfg.credit.value if cfg.credit is not None else "",
+            "rel_bias": r.rel_bias, "bias_sq": float(((r.expected_grad - tr.grad_reverse) ** 2).sum()),
+            "variance": r.variance, "cos_reverse": r.cos_reverse, "cos_forward": r.cos_forward,
+            "verdict": r.verdict, "matches": r.matches,
+        })
     if with_directions:
         for name, d in tr.directions.items():
             if name != "zero":
-                rows.append(
-                    {
-                        "kind": "direction",
-                        **base,
-                        "config": name,
-                        "cos_reverse": cosine(d, tr.grad_reverse),
-                        "cos_forward": cosine(d, tr.grad_forward),
-                    }
-                )
+                rows.append({
+                    "kind": "direction", **base, "config": name,
+                    "cos_reverse": cosine(d, tr.grad_reverse), "cos_forward": cosine(d, tr.grad_forward),
+                })
     return rows
 
 

@@ -10,20 +10,8 @@ from .toy import AutoregressiveModel
 from .verdict import DIRECTIONS
 
 FIELDS = [
-    "estimator",
-    "placement",
-    "level",
-    "credit",
-    "rel_bias",
-    "cos_reverse",
-    "cos_forward",
-    "variance",
-    "verdict",
-    "matches",
-    "factor",
-    "nearest",
-    "nearest_cos",
-    "dtype",
+    *("estimator", "placement", "level", "credit", "rel_bias", "cos_reverse", "cos_forward", "variance"),
+    *("verdict", "matches", "factor", "nearest", "nearest_cos", "dtype"),
 ]
 
 

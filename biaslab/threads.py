@@ -31,8 +31,8 @@ from functools import lru_cache
 import torch
 
 ENV_VAR = "BIASLAB_THREADS"
-#: below this many elements of the largest tensor, one thread (2**24 float64 numbers = 128 MiB). The V=4, T=8
-#: enumeration ((65,536, 8, 4): 2.1M elements) is well inside: it ran 1.5-27x slower on 2 threads than on one.
+#: below this many elements of the largest tensor, one thread (2**24 float64 numbers = 128 MiB; the V=4, T=8
+#: enumeration, (65,536, 8, 4), is 2.1M elements).
 SMALL_WORK = 2**24
 _PINNING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -120,11 +120,8 @@ def small_problem_threads(work: int | None = None) -> Iterator[int]:
     restores the previous count on exit, exceptions included."""
     global _ours
     before, before_ours = torch.get_num_threads(), _ours
-    k = choose_threads(work)
     try:
-        if k is not None:
-            _set(k)
-        yield torch.get_num_threads()
+        yield thread_policy(work)
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
