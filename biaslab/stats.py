@@ -275,7 +275,11 @@ def bias_test(
     floor = evals.clamp_min(top * ridge)
     z = evecs.T @ b / floor.sqrt()  # whitened bias, (p,)
     t2 = float(z @ z)
-    if mr_t is None and m.n > p + 1:
+    if p == 0:  # no variance in any tested direction: the sample mean is E[g] itself, the test is exact
+        scale = max(float(ref_t.norm()), float(m_t.mean.norm()), 1e-300)
+        exact = float(b.norm()) <= 1e-12 * scale  # equal up to the round-off of the means
+        stat, p_value, dof, df2 = (0.0, 1.0, (0,), None) if exact else (math.inf, 0.0, (0,), None)
+    elif mr_t is None and m.n > p + 1:
         df2 = float(m.n - p)
         stat = (m.n - p) / (p * (m.n - 1)) * t2
         p_value = float(stats.f.sf(stat, p, df2))
@@ -286,8 +290,11 @@ def bias_test(
         dof = (p,)
     # worst-direction detectable bias: the noncentrality of the F (or chi-square) statistic is
     # lambda = b^T S_b^-1 b >= ||b||^2 / max eig(S_b)  (for Hotelling's F, n b^T Sigma^-1 b: no rescaling)
-    lam = _noncentrality_for_power(p, df2, alpha, 0.9)
-    detectable = math.sqrt(lam * float(evals.max()))  # worst direction: the largest variance
+    if p == 0:
+        detectable = 0.0  # nothing is left to detect: any bias is seen exactly
+    else:
+        lam = _noncentrality_for_power(p, df2, alpha, 0.9)
+        detectable = math.sqrt(lam * float(evals.max()))  # worst direction: the largest variance
 
     # relative bias along the reference direction, with a normal CI
     zq = stats.norm.ppf(1 - alpha / 2)

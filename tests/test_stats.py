@@ -210,3 +210,15 @@ def test_direction_tests_report():
     assert d["consistent"] == res.consistent and d["tests"]["truth"]["p_adjusted"] <= 1.0
     with pytest.raises(ValueError):
         direction_tests(samples, {})
+
+
+def test_samples_without_variance_make_an_exact_test():
+    """Every sample equal (e.g. an estimator whose gradient is 0 for every response): the sample mean is E[g] itself,
+    so the test is exact: p = 0 and biased when it differs from the reference, p = 1 when it equals it, nothing left
+    to detect (it used to divide by the rank 0 of the covariance)."""
+    x = torch.zeros(50, 6, dtype=torch.float64)
+    ref = torch.arange(1.0, 7.0, dtype=torch.float64)
+    off = bias_test(x, ref, alpha=0.01)
+    assert off.biased and off.p_value == 0.0 and off.detectable_bias == 0.0 and off.rel_bias == pytest.approx(1.0)
+    same = bias_test(x + ref, ref, alpha=0.01)
+    assert not same.biased and same.p_value == pytest.approx(1.0) and same.detectable_rel_bias < 1e-12  # round-off
