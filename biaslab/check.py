@@ -30,7 +30,7 @@ from .exact import EnumerationTooLarge, ExactEngine, check_enumerable
 from .placements import KLConfig, make_config
 from .stats import Moments, bias_test
 from .toy import AutoregressiveModel, TabularAR, make_pair
-from .verdict import DIRECTIONS, tolerance
+from .verdict import DIRECTIONS, format_factor, tolerance
 
 MODES = ("exact", "mc")
 MODEL_KINDS = ("mixed", "tabular", "neural")
@@ -148,7 +148,7 @@ class CheckReport:
             head += f" (smallest detectable relative bias {self.detectable_rel_bias:.3g} at power 0.9)"
         factors = {m.factor for m in self.models if m.verdict == "rescaled"}
         if self.verdict == "rescaled" and len(factors) == 1:
-            head += f" x{factors.pop():.4g}"
+            head += f" x{format_factor(factors.pop())}"
         lines = [f"{cfg}: {head} ({self.mode} mode, {len(self.models)} models)"]
         if self.matches != "none":
             what = "expected gradient follows" if self.mode == "exact" else "point estimate closest to"
@@ -357,7 +357,20 @@ def check_estimator(
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """Flags set away from their defaults that this mode / placement does not read (refused, not ignored):
+    ``--samples`` and ``--alpha`` in exact mode, ``--credit`` for a loss (no score-function term to credit)."""
+    unused = ["samples", "alpha"] if args.mode == "exact" else []
+    if args.placement == "loss":
+        unused.append("credit")
+    return ["--" + k for k in unused if getattr(args, k) != args.flag_defaults[k]]
+
+
 def _run(args: argparse.Namespace) -> int:
+    unused = unused_flags(args)
+    if unused:
+        raise ValueError(f"{', '.join(unused)} not read here: --samples and --alpha apply to --mode mc, --credit to "
+                         "--placement reward or both (a loss has no score-function term to credit)")
     fn = load_function(args.function)
     same_name = ("mode", "vocab", "length", "models", "samples", "seed", "alpha", "kl_scale")
     report = check_estimator(
@@ -405,4 +418,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=20_000, help="mc samples per model")
     p.add_argument("--model", choices=list(MODEL_KINDS), default="mixed")
     add_common_flags(p, formats=("text", "json", "csv", "md"), seed=True, toy=True, kl_scale=True, alpha=True)
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, flag_defaults={k: p.get_default(k) for k in ("samples", "alpha", "credit")})

@@ -121,3 +121,17 @@ def test_exact_biased_report_names_the_nearest_direction_and_its_cosine():
     if m.nearest == "reverse_kl":
         assert abs(m.nearest_cos - cos_rev) < 1e-9
     assert f"nearest {m.nearest} (cos {m.nearest_cos:.4f})" in rep.format_text()
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--samples", "500"], "--samples"),
+    (["--alpha", "0.05"], "--alpha"),
+    (["--credit", "full"], "--credit"),
+    (["--mode", "mc", "--samples", "500", "--credit", "full"], "--credit"),
+])
+def test_flags_the_mode_does_not_read_are_refused(extra, flag, capsys):
+    """A flag that would change nothing (Monte Carlo settings in exact mode, a credit for a loss) is an error, not
+    silently ignored: the user believes it acted."""
+    assert main(["check", "examples/my_estimators.py:k3", "--placement", "loss", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("biaslab check: error:") and f"{flag} not read here" in err
