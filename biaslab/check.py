@@ -360,10 +360,10 @@ def check_estimator(
 def unused_flags(args: argparse.Namespace) -> list[str]:
     """Flags set away from their defaults that this mode / placement does not read (refused, not ignored):
     ``--samples`` and ``--alpha`` in exact mode, ``--credit`` for a loss (no score-function term to credit)."""
+    from .cli import changed_flags
+
     unused = ["samples", "alpha"] if args.mode == "exact" else []
-    if args.placement == "loss":
-        unused.append("credit")
-    return ["--" + k for k in unused if getattr(args, k) != args.flag_defaults[k]]
+    return changed_flags(args, unused + (["credit"] if args.placement == "loss" else []))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -399,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .cli import HelpFormatter, add_common_flags, positive_int
+    from .cli import HelpFormatter, add_common_flags, positive_int, record_defaults
 
     p = sub.add_parser(
         "check",
@@ -418,4 +418,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=20_000, help="mc samples per model")
     p.add_argument("--model", choices=list(MODEL_KINDS), default="mixed")
     add_common_flags(p, formats=("text", "json", "csv", "md"), seed=True, toy=True, kl_scale=True, alpha=True)
-    p.set_defaults(func=_run, flag_defaults={k: p.get_default(k) for k in ("samples", "alpha", "credit")})
+    p.set_defaults(func=_run)
+    record_defaults(p, ("samples", "alpha", "credit"))

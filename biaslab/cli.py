@@ -46,8 +46,8 @@ EXIT_BROKEN_PIPE = 141
 
 __all__ = [
     "DEFAULT_ALPHA", "DEFAULT_KL_SCALE", "HelpFormatter", "PluginError", "add_common_flags", "build_parser",
-    "kl_scale", "load_entry_points", "import_source", "load_plugin", "main", "nonnegative_int", "output_dir",
-    "positive_int", "probability", "vocab_size",
+    "changed_flags", "kl_scale", "load_entry_points", "import_source", "load_plugin", "main", "nonnegative_int",
+    "output_dir", "positive_int", "probability", "record_defaults", "vocab_size",
 ]
 
 
@@ -93,6 +93,17 @@ def probability(text: str) -> float:
 def kl_scale(text: str) -> float:
     """argparse type: a finite scale >= 0 (``--kl-scale``: policy = reference + C * noise)."""
     return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+
+
+def record_defaults(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Remember the defaults of the flags ``names`` (dest names), for ``changed_flags``."""
+    p.set_defaults(flag_defaults={k: p.get_default(k) for k in names})
+
+
+def changed_flags(args: argparse.Namespace, names) -> list[str]:
+    """'--flag' for each of ``names`` set away from its default: a subcommand refuses those its mode does not read
+    rather than silently ignoring them."""
+    return ["--" + k.replace("_", "-") for k in names if getattr(args, k) != args.flag_defaults[k]]
 
 
 def output_dir(text: str) -> Path | None:

@@ -278,7 +278,7 @@ def bias_test(
     if p == 0:  # no variance in any tested direction: the sample mean is E[g] itself, the test is exact
         scale = max(float(ref_t.norm()), float(m_t.mean.norm()), 1e-300)
         exact = float(b.norm()) <= 1e-12 * scale  # equal up to the round-off of the means
-        stat, p_value, dof, df2 = (0.0, 1.0, (0,), None) if exact else (math.inf, 0.0, (0,), None)
+        stat, p_value, dof, df2 = (0.0 if exact else math.inf), (1.0 if exact else 0.0), (0,), None
     elif mr_t is None and m.n > p + 1:
         df2 = float(m.n - p)
         stat = (m.n - p) / (p * (m.n - 1)) * t2

@@ -29,7 +29,7 @@ DEFAULT_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``biaslab`` subcommands (the shared flags from ``biaslab.cli.add_common_flags``)."""
-    from .cli import add_common_flags, nonnegative_int, positive_int
+    from .cli import add_common_flags, nonnegative_int, positive_int, record_defaults
 
     p = sub.add_parser(
         "train",
@@ -56,7 +56,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", type=float, default=None, help="mc: PPO clip epsilon on the importance ratio, in [0, 1)")
     p.add_argument("--collapse-reward", type=float, default=0.01, help="mc: collapse when E[R] falls below this")
     p.add_argument("--no-trajectory", action="store_true", help="json: leave out the recorded trajectories")
-    p.set_defaults(func=run_train, flag_defaults={k: p.get_default(k) for k in MC_ONLY + EXACT_ONLY})
+    p.set_defaults(func=run_train)
+    record_defaults(p, MC_ONLY + EXACT_ONLY)
 
 
 #: flags only one mode (or model) reads: set away from their defaults where they are not read, they are refused
@@ -75,10 +76,11 @@ def _positive_float(text: str) -> float:
 
 
 def unused_flags(args: argparse.Namespace) -> list[str]:
-    """The flags set away from their defaults (``args.flag_defaults``) that this mode / model does not read."""
+    """The flags set away from their defaults that this mode / model does not read."""
+    from .cli import changed_flags
+
     tabular = args.logits is not None or args.model == "tabular"
-    unused = EXACT_ONLY if args.mode == "mc" else MC_ONLY + (() if tabular else ("no_precondition",))
-    return ["--" + k.replace("_", "-") for k in unused if getattr(args, k) != args.flag_defaults[k]]
+    return changed_flags(args, EXACT_ONLY if args.mode == "mc" else MC_ONLY + (() if tabular else ("no_precondition",)))
 
 
 def run_train(args: argparse.Namespace) -> int:
