@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup figures test lint bench notebooks lab clean
+.PHONY: setup figures test test-portable lint bench notebooks lab clean
 
 $(STAMP): pyproject.toml requirements/frameworks.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ figures: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check biaslab tests benchmarks
 	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/portable/run.py
+
+# the same verdicts, exact numbers and figure CSVs under ATEN_CPU_CAPABILITY=default and this CPU's best kernels,
+# on 1 and 2 threads (part of `make test`; alone: this target)
+test-portable: $(STAMP)
+	$(BIN)/python tests/portable/run.py
 
 # targets are goals: each script exits 0 whether or not they are met (non-zero only if it crashes);
 # --threads auto: in-process timings under biaslab's thread policy, so a ratio's two sides run alike

@@ -28,7 +28,7 @@ from torch import Tensor
 from .estimators import Estimator, EstimatorError, get_estimator
 from .exact import EnumerationTooLarge, ExactEngine, check_enumerable
 from .placements import KLConfig, make_config
-from .stats import Moments, bias_test
+from .stats import EPS64, ROUNDOFF_COV, Moments, bias_test, mean_is_exact
 from .toy import AutoregressiveModel, TabularAR, make_pair
 from .verdict import DIRECTIONS, format_factor, tolerance
 
@@ -150,6 +150,12 @@ class CheckReport:
         if self.verdict == "rescaled" and len(factors) == 1:
             head += f" x{format_factor(factors.pop())}"
         lines = [f"{cfg}: {head} ({self.mode} mode, {len(self.models)} models)"]
+        if self.verdict == "undefined":
+            lines.append("  grad KL(pi || pi_ref) is zero to round-off (the policy equals the reference) on "
+                         + ", ".join(f"{m.model}" for m in self.models if m.verdict == "undefined")
+                         + ": no relative bias, test or variance ratio is defined; use --kl-scale > 0")
+            if all(m.verdict == "undefined" for m in self.models):
+                return "\n".join(lines)
         if self.matches != "none":
             what = "expected gradient follows" if self.mode == "exact" else "point estimate closest to"
             lines.append(f"  {what}: {self.matches} = {DIRECTIONS.get(self.matches, '')}")
@@ -199,11 +205,18 @@ def _enumerable(policy: AutoregressiveModel) -> bool:
         return False
 
 
+def _variance_ratio(variance: float, base: float, base_size2: float) -> float:
+    """variance / base, nan when the baseline's variance is round-off of its second moment ``base_size2`` (k1 in
+    the reward has no variance when the policy equals the reference: there is no scale to compare with)."""
+    return variance / base if base > ROUNDOFF_COV * EPS64 * base_size2 else math.nan
+
+
 def _check_exact(config: KLConfig, baseline: KLConfig, label: str, policy, ref) -> ModelCheck:
     engine = ExactEngine(policy, ref)
     r, b = engine.evaluate(config), engine.evaluate(baseline)
+    ratio = _variance_ratio(r.variance, b.variance, b.variance + float(b.expected_grad @ b.expected_grad))
     return ModelCheck(
-        label, r.verdict, r.matches, r.rel_bias, r.variance, r.variance / b.variance, kl=engine.truths().kl_reverse,
+        label, r.verdict, r.matches, r.rel_bias, r.variance, ratio, kl=engine.truths().kl_reverse,
         factor=r.factor, dtype=r.info.dtype, nearest=r.info.nearest, nearest_cos=r.info.nearest_cos,
     )
 
@@ -227,29 +240,37 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
     mc = MonteCarloEngine(policy, ref)
     gen = torch.Generator().manual_seed(seed)
     x = mc.moments(config, n, gen, progress=progress)  # Moments of (n, P) samples
-    var_base = mc.moments(baseline, min(n, 20_000), gen).var_trace
+    base = mc.moments(baseline, min(n, 20_000), gen)
     along = None
-    if _enumerable(policy):
+    enumerable = _enumerable(policy)
+    if enumerable:
         engine = ExactEngine(policy, ref)
         tr = engine.truths()
-        kl = tr.kl_reverse
+        kl, undefined = tr.kl_reverse, tr.undefined
         exact_result = engine.evaluate(config)
         rel_exact = exact_result.rel_bias
         refs = {name: (d, None) for name, d in tr.directions.items()}
         truth = tr.grad_reverse
         b = exact_result.expected_grad - truth
-        if rel_exact > 1e-9:  # a fixed direction (the exact bias): CI of the bias along it, exact value inside
+        if exact_result.verdict in ("biased", "rescaled", "zero"):  # a fixed bias direction: CI along it
             u = b / b.norm()
             along = _ci_along(x, u, float(truth @ u), float(truth.norm()), alpha)
     else:
         rel_exact = math.nan
         with torch.no_grad():
             y = mc.sample(min(n, 20_000), gen)  # (m, T) tokens; log-probabilities in slices of rows below
-            log_ratio = torch.cat([
-                (policy.log_probs(c) - ref.log_probs(c)).gather(-1, c[..., None]).squeeze(-1).sum(-1)
-                for c in y.split(4096)
-            ])  # (m,) log pi(y) - log pi_ref(y)
+            lp, lp_ref = (
+                torch.cat([m.log_probs(c).gather(-1, c[..., None]).squeeze(-1).sum(-1) for c in y.split(4096)])
+                for m in (policy, ref)
+            )  # (m,) log pi(y), log pi_ref(y)
+        log_ratio = lp - lp_ref  # (m,)
         kl = float(log_ratio.mean())  # unbiased k1 estimate of the sequence KL
+        # policy == reference on every sampled response (each log-ratio is round-off of its log-probabilities): the
+        # true gradient is zero as far as the samples can tell
+        undefined = mean_is_exact(log_ratio, float(lp_ref.norm()))
+    if undefined:  # grad KL = 0: no relative bias, test or interval means anything
+        return ModelCheck(label, "undefined", "none", math.nan, x.var_trace, math.nan, kl=kl)
+    if not enumerable:
         refs = {name: (None, mc.direction_moments(name, n, gen))
                 for name in ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token")}
         refs["zero"] = (torch.zeros(x.dim, dtype=torch.float64), None)
@@ -264,7 +285,7 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
         closest,
         rel_exact,
         main.variance,
-        main.variance / var_base,
+        _variance_ratio(main.variance, base.var_trace, base.size2),
         kl=kl,
         p_value=main.p_value,
         ci_low=main.ci_low if along is None else along[1],
@@ -329,12 +350,12 @@ def check_estimator(
         common = [d for d in DIRECTIONS if all(d == c.matches for c in checks)]
         p = detectable = math.nan
     else:
-        verdict = "biased" if any(c.verdict == "biased" for c in checks) else "no bias detected"
+        verdict = next((v for v in ("undefined", "biased") if any(c.verdict == v for c in checks)), "no bias detected")
         # not rejected on every model; the one the point estimates are closest to most often first
         common = [d for d in DIRECTIONS if all(d in c.consistent_with for c in checks)]
         common.sort(key=lambda d: -sum(c.matches == d for c in checks))
-        p = min(min(c.p_value for c in checks) * models, 1.0)
-        detectable = max(c.detectable_rel_bias for c in checks)
+        p = math.nan if verdict == "undefined" else min(min(c.p_value for c in checks) * models, 1.0)
+        detectable = math.nan if verdict == "undefined" else max(c.detectable_rel_bias for c in checks)
     rel = [c.rel_bias for c in checks if not math.isnan(c.rel_bias)]
     return CheckReport(
         estimator=est.name,
@@ -344,8 +365,8 @@ def check_estimator(
         mode=mode,
         verdict=verdict,
         matches=common[0] if common else "none",
-        worst_rel_bias=max(rel) if rel else max(abs(c.estimated_rel_bias) for c in checks),
-        variance_ratio=max(c.variance_ratio for c in checks),
+        worst_rel_bias=max(rel) if rel else max((abs(c.estimated_rel_bias) for c in checks), default=math.nan),
+        variance_ratio=max((c.variance_ratio for c in checks if not math.isnan(c.variance_ratio)), default=math.nan),
         p_value=p,
         detectable_rel_bias=detectable,
         alpha=alpha,

@@ -929,12 +929,16 @@ class ExactEngine:
         mean, second, wstd = self.moments(config)
         variance = max(second - float(mean @ mean), 0.0)
         nominal = config.nominal_scale(self.B, self.T, wstd)
+        # a named direction of round-off size (the rule of ``true_gradient_is_zero``) is zero: it never matches
+        def named(d: Tensor) -> Tensor:
+            return torch.zeros_like(d) if true_gradient_is_zero(float(d.norm()), tr.score_rms) else d
+
         if self._directions is None:  # stacked once per engine (batched dot products in the verdict rule)
-            self._directions = Directions({k: v for k, v in tr.directions.items() if k != "zero"})
+            self._directions = Directions({k: named(v) for k, v in tr.directions.items() if k != "zero"})
         directions = self._directions
         ev = self.expected_value_grad(config) if isinstance(config, Recipe) else None
         if ev is not None:
-            directions = directions.extended({"expected_value": ev})
+            directions = directions.extended({"expected_value": named(ev)})
         info = exact_verdict(mean, directions, nominal, math.sqrt(max(second, 0.0)), tr.undefined, config_dtype(config))
         return ExactResult(config, mean.detach(), variance, nominal, info)
 

@@ -35,6 +35,11 @@ from torch import Tensor
 
 FULL_COV_MAX = 2048  # keep the full comoment matrix up to this many coordinates
 RIDGE = 1e-2  # eigenvalue floor of the whitening, relative to the largest (see bias_test)
+#: the rank rule (``kept_eigen``): eigenvalues at or below RANK_RTOL x the largest, or ROUNDOFF_COV x eps x E||x||^2
+#: (the round-off of a covariance of data of that size), count as zero variance
+RANK_RTOL = 1e-10
+ROUNDOFF_COV = 64.0
+EPS64 = float(torch.finfo(torch.float64).eps)
 N_PROJECTIONS = 4  # projections tested when the vector is larger than this
 
 
@@ -112,6 +117,11 @@ class Moments:
     def var_trace(self) -> float:
         """tr(Sigma) = E||g - E g||^2, the per-sample variance (unbiased estimate)."""
         return float(self.var.sum())
+
+    @property
+    def size2(self) -> float:
+        """E||x||^2, the mean squared size of the samples (the scale of the round-off in their covariance)."""
+        return (float(self.m2.sum()) + self.n * float(self.mean @ self.mean)) / max(self.n, 1)
 
     @property
     def cov(self) -> Tensor:
@@ -192,12 +202,57 @@ class BiasTest:
         return {("rel_bias_along_reference" if k == "along" else k): v for k, v in out.items()}
 
 
-def _kept_eigen(s_b: Tensor) -> tuple[Tensor, Tensor, float]:
-    """Eigenvalues (p,) and eigenvectors (k, p) of the covariance of the mean ``s_b`` above 1e-10 x the largest,
-    and the largest eigenvalue."""
-    evals, evecs = torch.linalg.eigh(s_b)
-    keep = evals > evals.max().clamp_min(1e-300) * 1e-10
-    return evals[keep], evecs[:, keep], float(evals.max())
+def kept_eigen(cov: Tensor, size2: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept eigenspace of a covariance: the one rank rule of every test biaslab runs (``bias_test``,
+    ``detectable_bias``, the LLM path's Hotelling tests and their bootstrap resamples).
+
+    An eigenvalue is kept when it exceeds both ``RANK_RTOL`` x the largest (numerical rank) and ``ROUNDOFF_COV`` x
+    float64 eps x ``size2``, the mean squared size E||x||^2 of the data the covariance was computed from (the
+    round-off a covariance of such data carries: n equal samples give ~1e-33, not 0). Everything at or below is
+    treated as exactly zero variance, so the decision does not depend on how a CPU rounds.
+
+    Args:
+        cov: (..., k, k) symmetric covariance (per sample, or of the mean).
+        size2: E||x||^2 on the same scale as ``cov`` (divided by n for the covariance of the mean); (...,) or a float.
+
+    Returns:
+        (evals (..., k), evecs (..., k, k), kept (..., k) bool); eigenvalues ascending, as ``torch.linalg.eigh``.
+    """
+    evals, evecs = torch.linalg.eigh(cov)
+    size2 = torch.as_tensor(size2, dtype=evals.dtype)
+    floor = torch.maximum(evals[..., -1:].clamp_min(0) * RANK_RTOL, (ROUNDOFF_COV * EPS64 * size2)[..., None])
+    return evals, evecs, evals > floor
+
+
+def _kept_eigen(s_b: Tensor, size2: float) -> tuple[Tensor, Tensor, float]:
+    """Kept eigenvalues (p,), their eigenvectors (k, p) (``kept_eigen``) and the largest eigenvalue."""
+    evals, evecs, keep = kept_eigen(s_b, size2)
+    return evals[keep], evecs[:, keep], float(evals[keep].max()) if bool(keep.any()) else 0.0
+
+
+def whitened_sq(b: Tensor, cov: Tensor, size2: Tensor | float, ridge: float = 0.0) -> tuple[Tensor, Tensor]:
+    """b^T C^+ b on the kept eigenspace of C (``kept_eigen``), batched over leading dimensions.
+
+    Directions outside the kept eigenspace carry no variance and are left out (a pseudo-inverse); kept eigenvalues
+    below ``ridge`` x the largest are raised to it first (``bias_test``'s conservative floor; 0: none).
+
+    Args:
+        b: (..., k) vectors; cov: (..., k, k) covariances; size2: E||x||^2 of their data (``kept_eigen``).
+
+    Returns:
+        (b^T C^+ b (...,), rank (...,) the number of kept eigenvalues).
+    """
+    evals, evecs, keep = kept_eigen(cov, size2)
+    top = evals[..., -1:].clamp_min(0)
+    lam = torch.where(keep, evals.clamp_min(0).maximum(top * ridge), torch.full_like(evals, math.inf))
+    z = (evecs.transpose(-1, -2) @ b.unsqueeze(-1)).squeeze(-1)  # (..., k) coordinates in the eigenbasis
+    return (z * z / lam).sum(-1), keep.sum(-1)
+
+
+def mean_is_exact(diff: Tensor, size: float) -> bool:
+    """Two means of data of root-mean-square size ``size`` are equal to round-off: ||diff|| <= ROUNDOFF_COV x
+    float64 eps x size (the test ``bias_test`` makes when the samples have no variance left)."""
+    return float(diff.norm()) <= ROUNDOFF_COV * EPS64 * size
 
 
 @functools.lru_cache(maxsize=256)
@@ -266,18 +321,17 @@ def bias_test(
     method = "hotelling" if q is None else f"projections({q.shape[0]})"
     b = m_t.mean - ref_t  # (k,)
     s_b = m_t.cov / m_t.n  # (k, k) covariance of the mean
+    size2 = m_t.size2 / m_t.n  # the same scale: E||x||^2 / n
     if mr_t is not None:
         s_b = s_b + mr_t.cov / mr_t.n
-    evals, evecs, top = _kept_eigen(s_b)
-    p = evals.numel()
-    # Eigenvalues below ridge * the largest are raised to it: directions that only rare samples reach have
+        size2 += mr_t.size2 / mr_t.n
+    evals, _, _ = _kept_eigen(s_b, size2)
+    # Kept eigenvalues below ridge * the largest are raised to it: directions that only rare samples reach have
     # badly underestimated variances, which would make T^2 anti-conservative; the floor makes it conservative.
-    floor = evals.clamp_min(top * ridge)
-    z = evecs.T @ b / floor.sqrt()  # whitened bias, (p,)
-    t2 = float(z @ z)
+    t2, rank = whitened_sq(b, s_b, size2, ridge)
+    t2, p = float(t2), int(rank)
     if p == 0:  # no variance in any tested direction: the sample mean is E[g] itself, the test is exact
-        scale = max(float(ref_t.norm()), float(m_t.mean.norm()), 1e-300)
-        exact = float(b.norm()) <= 1e-12 * scale  # equal up to the round-off of the means
+        exact = mean_is_exact(b, max(float(ref_t.norm()), math.sqrt(m_t.size2)))  # equal up to round-off
         stat, p_value, dof, df2 = (0.0 if exact else math.inf), (1.0 if exact else 0.0), (0,), None
     elif mr_t is None and m.n > p + 1:
         df2 = float(m.n - p)
@@ -400,7 +454,7 @@ def detectable_bias(
         if n_ref < 2:
             raise ValueError("give n_ref >= 2 with cov_ref")
         s_b = s_b + as_matrix(cov_ref) / n_ref
-    evals, evecs, _ = _kept_eigen(s_b)
+    evals, evecs, _ = _kept_eigen(s_b, 0.0)  # a given covariance: the rank rule alone (no data scale to use)
     p = evals.numel()
     if p == 0:
         return 0.0  # no noise: any bias is detected

@@ -7,7 +7,6 @@ configuration's update uses its own KL gradient estimate, and the report names t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -130,7 +129,9 @@ def run_train(args: argparse.Namespace) -> int:
         for path in write_train_artifacts(result, meta, args.out):
             print(path, file=sys.stderr)
     if args.format == "json":
-        print(json.dumps({**result.as_dict(with_trajectory=not args.no_trajectory), "meta": meta}, indent=1))
+        from .io import to_json
+
+        print(to_json({**result.as_dict(with_trajectory=not args.no_trajectory), "meta": meta}))
         return 0
     print(
         f"biaslab train: {meta['model']} toy V={V} T={T} seed {args.seed}, reward {args.reward} "

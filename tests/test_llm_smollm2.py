@@ -39,5 +39,9 @@ def test_smollm2_statistics(tmp_path, capsys):
     assert 0 <= report["ended_at_eos"] <= 1 and report["numeric_floor"]["against"] == "float64"
     for row in report["configs"]:
         assert row["n"] == 8 and math.isfinite(row["variance"]) and row["variance"] > 0
-        assert math.isfinite(row["rel_bias_along_reference"]) and row["ci_low"] <= row["ci_high"]
+        assert math.isfinite(row["rel_bias_along_reference"])
+        if "ci" in row["unbounded"]:  # n = 8: the interval may be unbounded, written as null with the reason
+            assert row["ci_low"] is None or row["ci_high"] is None
+        else:
+            assert row["ci_low"] <= row["ci_high"]
     assert (tmp_path / "llm.png").stat().st_size > 0

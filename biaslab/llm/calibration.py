@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..stats import _noncentrality_for_power, adjust_p_values
+from ..stats import EPS64, ROUNDOFF_COV, _noncentrality_for_power, adjust_p_values, mean_is_exact, whitened_sq
 
 #: Smallest number of main samples at which the test and intervals were found calibrated by ``simulate`` on the
 #: enumerable tiny GPT-2 (false alarms and Fieller coverage within binomial bounds of nominal; README, tests).
@@ -109,22 +109,36 @@ def fieller_bootstrap(a: Tensor, b: Tensor, alpha: float, w: Tensor) -> tuple[fl
     return ratio, min(ends), max(ends)
 
 
-def _t2(x: Tensor) -> tuple[Tensor, Tensor, float]:
-    """Mean (k,), covariance (k, k) and Hotelling's T^2 = n m^T S^-1 m of n rows x (n, k)."""
+def _t2(x: Tensor, size2: float | None = None) -> tuple[Tensor, Tensor, float, int, float]:
+    """Mean (k,), covariance (k, k), Hotelling's T^2 = n m^T S^+ m on the kept eigenspace of S (the rank rule of
+    ``biaslab.stats.kept_eigen`` at data scale ``size2``, default E||x||^2 of the rows), its rank p, and the scale."""
     n, k = x.shape
     mean = x.mean(0)  # (k,)
     cov = torch.cov(x.T).reshape(k, k)  # (k, k)
-    return mean, cov, float(n * mean @ torch.linalg.solve(cov, mean))
+    size2 = float((x * x).sum(1).mean()) if size2 is None else size2
+    t2, rank = whitened_sq(mean, cov, size2)
+    return mean, cov, n * float(t2), int(rank), size2
 
 
-def hotelling(x: Tensor) -> tuple[float, float, tuple[int, int], Tensor]:
-    """Test H0: E[x] = 0 for n rows of k coordinates: (F statistic, p-value, (k, n - k), covariance (k, k))."""
+def hotelling(x: Tensor, size2: float | None = None) -> tuple[float, float, tuple[int, int], Tensor]:
+    """Test H0: E[x] = 0 for n rows of k coordinates: (F statistic, p-value, (p, n - p), covariance (k, k)).
+
+    ``size2``: E||.||^2 of the data the rows derive from, the scale of their round-off (default: the rows' own).
+    Paired differences d = g_c - g_ref must pass the scale of g_c and g_ref: differences that are round-off of
+    equal rows are then zero, not noise to test.
+
+    The test runs on the p directions the rows vary in (``biaslab.stats.kept_eigen``; p = k unless the rows are
+    rank-deficient, e.g. fewer independent rows than coordinates). Rows with no variance at all make an exact test:
+    p-value 1 when their mean is 0 to round-off (``biaslab.stats.mean_is_exact``), else 0."""
     from scipy import stats
 
     n, k = x.shape
-    _, cov, t2 = _t2(x)
-    stat = (n - k) / (k * (n - 1)) * t2
-    return stat, float(stats.f.sf(stat, k, n - k)), (k, n - k), cov
+    mean, cov, t2, p, size2 = _t2(x, size2)
+    if p == 0:
+        exact = mean_is_exact(mean, math.sqrt(size2))
+        return (0.0 if exact else math.inf), (1.0 if exact else 0.0), (0, n), cov
+    stat = (n - p) / (p * (n - 1)) * t2
+    return stat, float(stats.f.sf(stat, p, n - p)), (p, n - p), cov
 
 
 def resampling_weights(n: int, n_boot: int, seed: int) -> Tensor:
@@ -134,18 +148,27 @@ def resampling_weights(n: int, n_boot: int, seed: int) -> Tensor:
     return w.scatter_add_(1, torch.randint(n, (n_boot, n), generator=g), torch.ones(n_boot, n, dtype=torch.float64))
 
 
-def bootstrap_hotelling(x: Tensor, w: Tensor) -> float:
-    """Bootstrap-t p-value of H0: E[x] = 0 for x (n, k): the share of resamples whose Hotelling T^2 about the sample
-    mean, n (m* - m)^T S*^-1 (m* - m), reaches the observed n m^T S^-1 m ((1 + count) / (1 + B)). Unlike the F
-    reference distribution it adapts to skewed, heavy-tailed per-sample gradients."""
+def bootstrap_hotelling(x: Tensor, w: Tensor, size2: float | None = None) -> tuple[float, int]:
+    """Bootstrap-t p-value of H0: E[x] = 0 for x (n, k), and the number of degenerate resamples.
+
+    The p-value is the share of resamples whose Hotelling T^2 about the sample mean, n (m* - m)^T S*^+ (m* - m),
+    reaches the observed n m^T S^+ m ((1 + count) / (1 + B)); unlike the F reference distribution it adapts to
+    skewed, heavy-tailed per-sample gradients. Both use the kept eigenspace (``biaslab.stats.kept_eigen``). A
+    resample whose covariance keeps fewer directions than the observed one (few distinct rows: with few
+    independent groups, many resamples) cannot be studentized in those directions; it counts as reaching the
+    observed statistic, which makes the p-value conservative (never below (1 + degenerate) / (1 + B)). ``size2``
+    as in ``hotelling`` (the resamples' scale is the same data's, reweighted)."""
     n, k = x.shape
-    mean, _, t2 = _t2(x)
+    mean, _, t2, p, size2 = _t2(x, size2)
+    if p == 0:  # no variance: the exact test of ``hotelling``
+        return hotelling(x, size2)[1], 0
     m = w @ x / n  # (B, k)
     second = (w @ (x.unsqueeze(2) * x.unsqueeze(1)).reshape(n, k * k) / n).reshape(-1, k, k)  # (B, k, k)
     cov_b = (second - m.unsqueeze(2) * m.unsqueeze(1)) * n / (n - 1)  # (B, k, k)
-    diff = (m - mean).unsqueeze(-1)  # (B, k, 1)
-    t2_b = n * (diff.transpose(1, 2) @ torch.linalg.solve(cov_b, diff)).reshape(-1)  # (B,)
-    return float((1 + (t2_b >= t2).sum()) / (1 + w.shape[0]))
+    t2_b, rank_b = whitened_sq(m - mean, cov_b, size2)  # (B,), (B,)
+    degenerate = rank_b < p
+    t2_b = torch.where(degenerate, torch.full_like(t2_b, math.inf), n * t2_b)
+    return float((1 + (t2_b >= t2).sum()) / (1 + w.shape[0])), int(degenerate.sum())
 
 
 @functools.lru_cache(maxsize=256)
@@ -155,11 +178,14 @@ def _t2_quantile(p: float, df: int) -> float:
     return float(stats.t.ppf(p, df)) ** 2
 
 
-def detectable_norm(n: int, cov: Tensor, alpha: float, power: float = POWER) -> float:
+def detectable_norm(n: int, cov: Tensor, alpha: float, power: float = POWER, rank: int | None = None) -> float:
     """Smallest bias norm (in the tested directions) the level-alpha Hotelling test detects with ``power`` in its
-    worst direction: lambda = n b^T S^-1 b >= n |b|^2 / max eig(S)."""
-    k = cov.shape[0]
-    lam = _noncentrality_for_power(k, float(n - k), alpha, power)  # of F = (n-k)/(k(n-1)) T^2: n b^T S^-1 b
+    worst direction: lambda = n b^T S^-1 b >= n |b|^2 / max eig(S), for the F(p, n - p) test on p = ``rank``
+    (default k) directions; 0 when p = 0 (no noise: any bias is seen)."""
+    p = cov.shape[0] if rank is None else rank
+    if p == 0:
+        return 0.0
+    lam = _noncentrality_for_power(p, float(n - p), alpha, power)  # of F = (n-p)/(p(n-1)) T^2: n b^T S^-1 b
     return math.sqrt(lam * float(torch.linalg.eigvalsh(cov).max()) / n)
 
 
@@ -199,13 +225,29 @@ def bias_norm_ci(d: Tensor, ref: Tensor, alpha: float, n_boot: int, seed: int) -
         return ((m * m).sum(1) - floors * tr / n).clamp_min(0)
 
     def stat(w: Tensor, floors: int) -> Tensor:  # inf where |r|^2 is not distinguishable from its noise floor
-        r2 = sq_norm(ref, w, floors)
-        return torch.where(r2 > 0, sq_norm(d, w, floors) / r2.clamp_min(1e-300), torch.inf).sqrt()
+        r2 = sq_norm(ref, w, floors)  # (B,); at or below the round-off of E||g_ref||^2 it is 0 (no scale to divide by)
+        resolved = r2 > ROUNDOFF_COV * EPS64 * (w @ (ref * ref).sum(1) / n)
+        return torch.where(resolved, sq_norm(d, w, floors) / r2.clamp_min(1e-300), torch.inf).sqrt()
 
     point = float(stat(torch.ones(1, n, dtype=d.dtype), 1)[0])
     if n_boot <= 0:
         return point, math.nan, math.nan
     return point, *_quantiles(stat(resampling_weights(n, n_boot, seed).to(d.dtype), 2), alpha)
+
+
+def _unbounded(n: int, along: tuple[float, float], toward: tuple[float, float], norm: tuple[float, float]
+               ) -> dict[str, str]:
+    """Why an interval of ``analyze`` is unbounded (JSON writes its infinite ends as null): interval name -> reason."""
+    out = {}
+    fieller_why = (f"the reference's mean along its direction is not significantly nonzero at n={n} (Fieller's set is "
+                   "the whole line, or two rays): more samples, or a policy farther from the reference")
+    for name, ends in (("ci", along), ("toward_ci", toward)):
+        if not all(math.isfinite(e) for e in ends):
+            out[name] = fieller_why
+    if any(math.isinf(e) for e in norm):
+        out["rel_bias_norm_ci"] = (f"|grad KL|^2 is not distinguishable from its noise floor in some bootstrap "
+                                   f"resamples at n={n}: |b| / |r| is unbounded there")
+    return out
 
 
 def _quantiles(x: Tensor, alpha: float) -> tuple[float, float]:
@@ -259,10 +301,12 @@ def analyze(
         w_boot = boots[n]
         d = rows[key].to(torch.float64) - ref  # (n, P) paired differences
         dq = d @ q.T  # (n, k)
-        stat, p, dof, cov = hotelling(dq)
+        size2 = max(float(((x @ q.T) ** 2).sum(1).mean()) for x in (rows[key].to(torch.float64), ref))
+        stat, p, dof, cov = hotelling(dq, size2)  # round-off of equal rows is judged at the rows' own scale
         ratio_ci = fieller if w_boot is None else functools.partial(fieller_bootstrap, w=w_boot)
+        degenerate = 0
         if w_boot is not None:
-            p = bootstrap_hotelling(dq, w_boot)
+            p, degenerate = bootstrap_hotelling(dq, w_boot, size2)
         rho, lo, hi = ratio_ci(d @ u, ref_u, alpha)
         tw, tlo, thi = ratio_ci(d @ w, ref_u, alpha)
         bn, blo, bhi = bias_norm_ci(d, ref, alpha, n_boot if norm_ci else 0, seed)
@@ -281,7 +325,11 @@ def analyze(
             "rel_bias_norm": bn,
             "rel_bias_norm_ci_low": blo,
             "rel_bias_norm_ci_high": bhi,
-            "detectable_rel_bias": detectable_norm(n, cov, alpha / len(keys)) / max(r_norm, 1e-300),
+            "detectable_rel_bias": detectable_norm(n, cov, alpha / len(keys), rank=dof[0]) / max(r_norm, 1e-300),
+            "tested_directions": dof[0],
+            "bootstrap_resamples": n_boot,
+            "bootstrap_degenerate": degenerate,  # resamples that count as reaching the statistic (conservative)
+            "unbounded": _unbounded(n, (lo, hi), (tlo, thi), (blo, bhi)),
             "_cov": cov,
         })
     adjusted = holm([row["p_value_raw"] for row in out])

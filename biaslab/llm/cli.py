@@ -7,9 +7,10 @@ Heavy imports (transformers) happen when the command runs, so ``biaslab --help``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
+
+from ..io import to_json
 
 
 def _options(args: argparse.Namespace, **over) -> object:
@@ -103,7 +104,7 @@ def _run_passes(args: argparse.Namespace) -> int:
 
             report["written"] += [str(p) for p in write_sweep(report["sweep"], args.out)]
     if args.format == "json":
-        print(json.dumps(report, indent=2, default=float))
+        print(to_json(report, default=float))
     else:
         print(to_text(report))
     return 0

@@ -948,6 +948,11 @@ def summarize(rows: dict[str, dict[str, Tensor]], setup: Setup, opts: LLMOptions
         if "groups" in row and row["groups"] < MIN_CALIBRATED_SAMPLES:
             warn.append(f"{row['label']}: {row['groups']} groups, below the calibrated {MIN_CALIBRATED_SAMPLES} "
                         "(each group is one sample of the update): p-values and intervals may be optimistic")
+        if row.get("bootstrap_degenerate"):
+            p_floor = (1 + row["bootstrap_degenerate"]) / (1 + row["bootstrap_resamples"])
+            warn.append(f"{row['label']}: {row['bootstrap_degenerate']} of {row['bootstrap_resamples']} bootstrap "
+                        f"resamples of its {row['n']} independent samples keep fewer than {row['tested_directions']} "
+                        f"directions; they count against rejection (raw p >= {p_floor:.2g}): use more --samples")
         for note in row.get("notes", []):
             if "updates per rollout" in note:
                 warn.append(f"{row['label']}: {note}")
