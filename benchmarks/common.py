@@ -238,7 +238,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--threads",
         default="",
         help="torch intra-op threads for in-process timings: an int, or 'auto' for biaslab's policy "
-        "(biaslab.threads); default: leave torch (and biaslab's engines) as they are",
+        "(biaslab.engines.threads); default: leave torch (and biaslab's engines) as they are",
     )
     return ap
 
@@ -248,7 +248,7 @@ def apply_threads(spec: str, work: int | None = None) -> None:
     if not spec:
         return
     if spec == "auto":
-        from biaslab.threads import thread_policy
+        from biaslab.engines.threads import thread_policy
 
         thread_policy(work)
     else:

@@ -1,6 +1,7 @@
 """Benchmark the exact engine: the full table (every configuration of k1, k2, k3, abs: 40 rows, with variances).
 
-Measured (public API only: ``biaslab.table.exact_table``, ``biaslab.make_pair``, ``biaslab.enumerate_sequences``):
+Measured (public API only: ``biaslab.workflows.table.exact_table``, ``biaslab.make_pair``,
+``biaslab.enumerate_sequences``):
   * one vectorized forward pass over all V**T sequences (the tabular policy's next-token log-probabilities,
     ``log_probs_enumerated``, (N, T, V)), the yardstick of the tabular target;
   * the tabular table, V=4, T=8 (65,536 sequences);
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Targets, apply_threads, base_parser, fmt_s, header, measure, measure_cli  # noqa: E402
 
 from biaslab import enumerate_sequences, make_pair  # noqa: E402
-from biaslab.table import exact_table  # noqa: E402
+from biaslab.workflows.table import exact_table  # noqa: E402
 
 ESTIMATORS = ["k1", "k2", "k3", "abs"]
 

@@ -1,6 +1,6 @@
 """Benchmark the largest enumeration: one exact check on the tabular toy V=2, T=23 (8,388,608 sequences).
 
-Measured (the CLI only): the process ``biaslab check biaslab.estimators:k3 --placement loss --models 1 --model
+Measured (the CLI only): the process ``biaslab check biaslab.core.estimators:k3 --placement loss --models 1 --model
 tabular --vocab 2 --length 23`` (the configuration and the k1-in-reward baseline its variance ratio needs: two
 configurations, the truths, every verdict): wall, CPU and peak RSS (``os.wait4``). Its (N, T, V) float64 arrays
 would take 3.1 GiB each, beyond the engine's default 4 GiB budget for all of them, so the engine processes the
@@ -32,7 +32,7 @@ def main() -> None:
     V, T = (2, 16) if args.quick else (args.vocab, args.length)
     apply_threads(args.threads, V**T * T * V)
     header(f"largest enumeration: tabular V={V}, T={T}, N={V**T:,} sequences", args)
-    cli = ["check", "biaslab.estimators:k3", "--placement", "loss", "--models", "1", "--model", "tabular",
+    cli = ["check", "biaslab.core.estimators:k3", "--placement", "loss", "--models", "1", "--model", "tabular",
            "--vocab", str(V), "--length", str(T), "--no-progress"]
     run = measure_cli(f"process: check k3 in loss, V={V} T={T}", cli, repeats=1, warmup=0, timeout_s=args.timeout)
     timed_out = "TIMED OUT" in run.note

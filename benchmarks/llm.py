@@ -72,9 +72,9 @@ def timed(fn, device: str, repeats: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    from biaslab.core.placements import TokenBatch
     from biaslab.llm.run import LLMOptions, _generate, _ref_logp_full, build, masked_logp, parse_config, sample_grads
     from biaslab.llm.sample import score_logits
-    from biaslab.placements import TokenBatch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="default smollm2 (tiny-random with --quick)")

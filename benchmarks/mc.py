@@ -1,8 +1,8 @@
 """Benchmark Monte Carlo: throughput (samples per CPU-second) and memory per sample of the neural toy V=50, T=20.
 
-Measured (public API only: ``biaslab.montecarlo.MonteCarloEngine``, ``biaslab.make_config``, the CLI):
+Measured (public API only: ``biaslab.engines.montecarlo.MonteCarloEngine``, ``biaslab.make_config``, the CLI):
   * in process: ``MonteCarloEngine.sample`` and ``sample_grads`` of k3 in reward + loss on n samples;
-  * the process ``biaslab check biaslab.estimators:k3 --placement both --mode mc --vocab 50 --length 20
+  * the process ``biaslab check biaslab.core.estimators:k3 --placement both --mode mc --vocab 50 --length 20
     --models 1 --samples n`` at two sizes n1 < n2: wall, CPU and peak RSS (``os.wait4``; tracemalloc does not see
     torch's tensor memory). The RSS slope (rss(n2) - rss(n1)) / (n2 - n1) is the memory per sample; extrapolated to
     1,000,000 samples it is compared with the target. The check streams samples in chunks of 4,096, so both sizes
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Targets, apply_threads, base_parser, fmt_bytes, header, measure, measure_cli  # noqa: E402
 
 from biaslab import make_config, make_pair  # noqa: E402
-from biaslab.montecarlo import MonteCarloEngine  # noqa: E402
+from biaslab.engines.montecarlo import MonteCarloEngine  # noqa: E402
 
 TARGET_SAMPLES = 1_000_000
 TARGET_BYTES = 24 * 2**30
@@ -61,7 +61,7 @@ def main() -> None:
     if not args.no_cli:
         runs = {}
         for m in (n1, n2):
-            cli = ["check", "biaslab.estimators:k3", "--placement", "both", "--mode", "mc", "--vocab", str(V),
+            cli = ["check", "biaslab.core.estimators:k3", "--placement", "both", "--mode", "mc", "--vocab", str(V),
                    "--length", str(T), "--models", "1", "--samples", str(m)]
             runs[m] = measure_cli(f"process: check --mode mc --samples {m}", cli, repeats=1, warmup=0)
         a, b = runs[n1], runs[n2]

@@ -1,6 +1,6 @@
 """Benchmark the exact recipe engine and the `biaslab audit` process.
 
-Measured (public API only: ``biaslab.exact.ExactEngine``, ``biaslab.recipes.Recipe``, the CLI):
+Measured (public API only: ``biaslab.engines.exact.ExactEngine``, ``biaslab.core.recipes.Recipe``, the CLI):
   * ``RecipeEngine.evaluate`` of one GRPO-style recipe (k3 in the reward, GRPO baseline, PPO clip, token-mean) over
     every group of B = 3 fixed-length responses of the tabular toy V=4, T=3: N = 64 responses, N**3 = 262,144
     groups; the engine's construction (enumeration and Jacobian) separately;
@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Targets, apply_threads, base_parser, fmt_s, header, measure, measure_cli  # noqa: E402
 
-from biaslab.exact import ExactEngine as RecipeEngine  # noqa: E402
-from biaslab.recipes import Recipe  # noqa: E402
-from biaslab.toy import make_pair  # noqa: E402
+from biaslab.core.recipes import Recipe  # noqa: E402
+from biaslab.engines.exact import ExactEngine as RecipeEngine  # noqa: E402
+from biaslab.engines.toy import make_pair  # noqa: E402
 
 # RecipeEngine.evaluate at 262,144 groups (V=4, T=3, eos None, B=3, the recipe above), measured 2026-11-26 at
 # commit 6443e8a on the 2-core shared "Intel(R) Xeon(R) Processor" machine, min of 5 after warm-up. The target is

@@ -21,7 +21,7 @@ import time
 import torch
 
 from biaslab import ExactEngine, TabularAR, make_config, make_pair
-from biaslab.train import ExactFlow, MonteCarloTrainer, TabularProblem, parse_config, parse_reward
+from biaslab.workflows.train import ExactFlow, MonteCarloTrainer, TabularProblem, parse_config, parse_reward
 
 
 def timed(fn, repeats: int) -> list[float]:

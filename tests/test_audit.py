@@ -10,8 +10,8 @@ import torch
 
 from biaslab.cli import main
 from biaslab.frameworks import PRESETS, PresetError, get_preset
-from biaslab.frameworks.audit import AuditToy, audit, audit_defaults
 from biaslab.frameworks.base import resolve_interpolation
+from biaslab.workflows.audit import AuditToy, audit, audit_defaults
 
 TOY = AuditToy(max_group=2, search_group=1, max_evals=150)
 
@@ -365,7 +365,7 @@ def _agg_from_source(loss_type, loss, mask, max_len):
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 def test_trl_grpo_aggregation_pinned(loss_type):
-    from biaslab.aggregation import aggregate
+    from biaslab.core.aggregation import aggregate
 
     preset = get_preset("trl-grpo")
     r = preset.recipe(preset.config({"beta": 0.04, "loss_type": loss_type, "max_completion_length": 7}))

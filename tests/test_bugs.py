@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from biaslab.frameworks.audit import AuditToy, audit_loss
-from biaslab.userloss import UserLossError
+from biaslab.workflows.audit import AuditToy, audit_loss
+from biaslab.workflows.userloss import UserLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # examples/ lives at the repository root (pytest may only put tests/ on the path)

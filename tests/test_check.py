@@ -1,4 +1,4 @@
-"""`biaslab check`, check_estimator and biaslab.testing on the example estimator file.
+"""`biaslab check`, check_estimator and biaslab.workflows.testing on the example estimator file.
 
 MC-mode tests use fixed seeds; the check itself runs at family-wise alpha = 0.01 (its stated false-alarm rate for
 unbiased estimators), and the biased cases have exact relative biases > 0.1, far above the detectable bias."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from biaslab import EstimatorError
-from biaslab.check import check_estimator, load_function
 from biaslab.cli import main
-from biaslab.testing import assert_biased, assert_unbiased
+from biaslab.workflows.check import check_estimator, load_function
+from biaslab.workflows.testing import assert_biased, assert_unbiased
 
 EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "my_estimators.py")
 

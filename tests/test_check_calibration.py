@@ -3,8 +3,8 @@ direction reports on a toy too large to enumerate, where every reference directi
 
 import pytest
 
-from biaslab.check import check_estimator
-from biaslab.stats import binomial_bounds
+from biaslab.engines.stats import binomial_bounds
+from biaslab.workflows.check import check_estimator
 
 FAILURE_RATE = 1e-3  # each binomial-bound assertion fails by chance with probability <= 1e-3
 

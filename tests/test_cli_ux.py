@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biaslab.cli import (
+from biaslab.cli import main
+from biaslab.cli.flags import (
     DEFAULT_ALPHA,
     DEFAULT_KL_SCALE,
     add_common_flags,
-    build_parser,
-    main,
     output_dir,
     positive_int,
     probability,
     vocab_size,
 )
+from biaslab.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import torch
 from test_group_oracle import KS, verdict_from_definitions  # the values and the verdict rule, from the definitions
 
 from biaslab import ExactEngine, make_config, make_pair
-from biaslab.recipes import Recipe
+from biaslab.core.recipes import Recipe
 
 
 def complete_responses(V, T, eos):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from biaslab import EnumerationTooLarge, ExactEngine, ModelError, NeuralAR, TabularAR, make_config, make_pair
-from biaslab.exact import check_enumerable
-from biaslab.io import atomic_write_text, load_logits_npz
+from biaslab.core.io import atomic_write_text
+from biaslab.engines.exact import check_enumerable
+from biaslab.engines.logits import load_logits_npz
 
 
 def test_enumeration_too_large_is_refused_before_allocating():

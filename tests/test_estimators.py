@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from biaslab import EstimatorError, clamped, get_estimator, register_estimator, registered_estimators, straight_through
-from biaslab.estimators import _REGISTRY
+from biaslab.core.estimators import _REGISTRY
 
 LP = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
 REF = torch.tensor([-1.2, -1.5, -0.5], dtype=torch.float64)
@@ -131,7 +131,7 @@ def test_unknown_estimator_lists_known_ones():
     ],
 )
 def test_bad_user_estimators_get_clear_errors(fn, message):
-    from biaslab.estimators import Estimator
+    from biaslab.core.estimators import Estimator
 
     est = Estimator("user", fn)
     with pytest.raises(EstimatorError, match=message):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from biaslab import ExactEngine, TabularAR, all_configs, make_config, make_pair
-from biaslab.exact import enumerate_sequences
+from biaslab.engines.exact import enumerate_sequences
 
 TOL = 1e-9
 
@@ -261,7 +261,7 @@ def test_config_label_and_credit_collapse():
 @pytest.mark.parametrize("model", ["tabular", "neural"])
 def test_plain_surrogate_equals_the_general_update_rule(model):
     """make_config's fast per-sample surrogate and the general Recipe.batch_loss give the same coefficients."""
-    from biaslab.placements import surrogate_coefficients
+    from biaslab.core.placements import surrogate_coefficients
 
     policy, ref = make_pair(model, 3, 3, seed=8, kl_scale=0.9)
     e = ExactEngine(policy, ref)
@@ -277,7 +277,7 @@ def test_plain_surrogate_equals_the_general_update_rule(model):
 def test_chunked_enumeration_equals_the_whole_one():
     """An enumeration processed in chunks (forced by a small memory budget) gives the in-memory engine's numbers
     and verdicts: the weighted gradients, KLs and second moments are sums over sequences."""
-    from biaslab.recipes import Recipe
+    from biaslab.core.recipes import Recipe
 
     policy, ref = make_pair("tabular", 3, 5, seed=2, kl_scale=0.8)
     whole, chunked = ExactEngine(policy, ref), ExactEngine(policy, ref, max_bytes=200_000)

@@ -122,11 +122,11 @@ def test_directions_truths(out):
 
 def test_an_interrupted_run_leaves_each_figure_whole(out, tmp_path, monkeypatch):
     """A figure's files are replaced as a set: Ctrl-C while they are being written leaves the earlier set."""
-    import biaslab.io
+    import biaslab.core.io
 
     for name in ("table1.md", "table1.csv", "table1.json"):
         (tmp_path / name).write_bytes(b"earlier run\n")
-    real = biaslab.io._write_temp
+    real = biaslab.core.io._write_temp
     calls = []
 
     def interrupted(path, data):
@@ -135,7 +135,7 @@ def test_an_interrupted_run_leaves_each_figure_whole(out, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(path, data)
 
-    monkeypatch.setattr(biaslab.io, "_write_temp", interrupted)
+    monkeypatch.setattr(biaslab.core.io, "_write_temp", interrupted)
     with pytest.raises(KeyboardInterrupt):
         make_figures(tmp_path, quick=True, progress=False, only=["table1"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table1.csv", "table1.json", "table1.md"]

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from biaslab.aggregation import aggregate
-from biaslab.estimators import get_estimator
+from biaslab.core.aggregation import aggregate
+from biaslab.core.estimators import get_estimator
+from biaslab.core.recipes import Recipe, advantages, batch_loss, kl_token_loss, pg_token_loss
 from biaslab.frameworks import get_preset
 from biaslab.frameworks.openrlhf import KL_VALUES
 from biaslab.frameworks.verl import KL_TYPES
-from biaslab.recipes import Recipe, advantages, batch_loss, kl_token_loss, pg_token_loss
 
 try:
     from verl.trainer.ppo import core_algos as verl_core
@@ -248,7 +248,7 @@ def test_openrlhf_aggregate_loss_matches(token_level):
 
 from pathlib import Path  # noqa: E402
 
-from biaslab.frameworks.audit import AuditToy, audit, audit_loss  # noqa: E402
+from biaslab.workflows.audit import AuditToy, audit, audit_loss  # noqa: E402
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # examples/ lives at the repository root (pytest may only put tests/ on the path)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from biaslab import ExactEngine, make_pair
-from biaslab.recipes import Recipe
+from biaslab.core.recipes import Recipe
 
 KS = {"k1": lambda d: d, "k2": lambda d: 0.5 * d * d, "k3": lambda d: torch.exp(-d) - 1 + d}
 TOL = 1.5e-8  # sqrt(float64 eps), the documented float64 tolerance

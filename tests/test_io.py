@@ -1,4 +1,4 @@
-"""biaslab.io: strict JSON, file sets replaced together, deterministic CSV, output folders checked up front."""
+"""biaslab.core.io: strict JSON, file sets replaced together, deterministic CSV, output folders checked up front."""
 
 import csv
 import io
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from biaslab.io import (
+from biaslab.core.io import (
     atomic_write_many,
     check_output_dir,
     csv_text,
@@ -132,7 +132,7 @@ def test_check_output_dir(tmp_path):
 def test_atomic_write_figure_replaces_the_three_files_as_a_set(tmp_path):
     """A failure while preparing the set (here: a JSON value that cannot be written) leaves the previous PNG, CSV
     and JSON all in place: no half-replaced figure."""
-    from biaslab.io import atomic_write_figure
+    from biaslab.core.io import atomic_write_figure
 
     first = atomic_write_figure(tmp_path, "fig", b"png-1", "a\n1\n", {"run": 1})
     assert sorted(p.name for p in first) == ["fig.csv", "fig.json", "fig.png"]

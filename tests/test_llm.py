@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the llm extra is not installed: pip install -e '.[llm]'")
 
-from biaslab.exact import enumerate_sequences  # noqa: E402
+from biaslab.engines.exact import enumerate_sequences  # noqa: E402
 from biaslab.llm.run import REFERENCE_KEY, LLMOptions, build, forward_grads, sample_grads  # noqa: E402
 from biaslab.llm.sample import Generation, generate, score_logits  # noqa: E402
 
@@ -161,7 +161,7 @@ def test_training_the_adapter_raises_the_reward():
 
 
 def test_estimator_not_zero_at_equal_logps_is_refused_with_padding():
-    from biaslab.estimators import register_estimator
+    from biaslab.core.estimators import register_estimator
     from biaslab.llm.models import LLMError
     from biaslab.llm.run import parse_config, token_coefficients
 
@@ -180,6 +180,7 @@ def test_estimator_not_zero_at_equal_logps_is_refused_with_padding():
 def test_fast_cotangents_equal_the_general_surrogate_path():
     """The memory-light cotangents (token coefficients, closed-form rb reference, forward-token direction) give the
     per-sample gradients of the general path: placements' surrogate differentiated on full (B, L, V) log-probs."""
+    from biaslab.core.placements import Coefficients
     from biaslab.llm.grads import logit_cotangent
     from biaslab.llm.run import (
         FORWARD_TOKEN_KEY,
@@ -189,7 +190,6 @@ def test_fast_cotangents_equal_the_general_surrogate_path():
         masked_logp,
         parse_config,
     )
-    from biaslab.placements import Coefficients
 
     opts, setup = _setup("tiny-random-gpt2", vocab=7, length=4)
     completion = torch.tensor([[2, 3, 1, 0], [4, 4, 4, 4], [5, 1, 6, 6]])

@@ -185,8 +185,8 @@ def test_refusals_are_one_line_errors(extra, message, capsys):
 
 
 def test_full_logit_estimators_are_refused_in_a_recipe():
+    from biaslab.core.recipes import Recipe
     from biaslab.llm.recipes import LLMRule, build_rules
-    from biaslab.recipes import Recipe
 
     opts = LLMOptions(model="tiny-random")
     assert build_rules(opts) == []

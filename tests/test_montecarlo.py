@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from biaslab import ExactEngine, make_config, make_pair
-from biaslab.montecarlo import MonteCarloEngine
-from biaslab.stats import bias_test, binomial_bounds, mse_prediction, projection_matrix
+from biaslab.engines.montecarlo import MonteCarloEngine
+from biaslab.engines.stats import bias_test, binomial_bounds, mse_prediction, projection_matrix
 
 CONFIGS = [("k1", "reward", "token", "rtg"), ("k3", "loss", "token", None), ("k2", "both", "sequence", "full"),
            ("rb", "both", "token", "rtg"), ("k3_st_k2", "loss", "token", None)]
@@ -126,7 +126,7 @@ def test_large_toy_beyond_enumeration_against_the_rao_blackwell_reference():
 def test_behaviour_policy_with_importance_weights_is_unbiased():
     """E_mu[rho g] = E_pi[g]: k1 in reward (from the current log-probs) sampled from a stale policy, weighted by the
     detached sequence ratio rho = pi/mu; the plain on-policy formula sampled from mu is biased. Level 1e-4 each."""
-    from biaslab.recipes import Recipe
+    from biaslab.core.recipes import Recipe
 
     policy, ref = make_pair("tabular", 3, 3, seed=1, kl_scale=0.7)
     behaviour = policy.perturbed(0.3, seed=99)

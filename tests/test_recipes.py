@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from biaslab.aggregation import AggregationError, aggregate, nominal_token_weight
-from biaslab.exact import ExactEngine, count_complete, enumerate_complete
-from biaslab.montecarlo import sample_complete
-from biaslab.placements import make_config
-from biaslab.recipes import Recipe, RecipeError, batch_loss
-from biaslab.toy import make_pair
+from biaslab.core.aggregation import AggregationError, aggregate, nominal_token_weight
+from biaslab.core.placements import make_config
+from biaslab.core.recipes import Recipe, RecipeError, batch_loss
+from biaslab.engines.exact import ExactEngine, count_complete, enumerate_complete
+from biaslab.engines.montecarlo import sample_complete
+from biaslab.engines.toy import make_pair
 
 RecipeEngine = ExactEngine  # the one engine evaluates recipes too
 TOL = 1e-9
@@ -328,7 +328,7 @@ def consistent(moments, reference, failure_rate=FAILURE_RATE):
 
 
 def test_group_monte_carlo_agrees_with_enumeration_and_detects_the_batch_mean_bias():
-    from biaslab.montecarlo import MonteCarloEngine
+    from biaslab.engines.montecarlo import MonteCarloEngine
 
     policy, ref = make_pair("tabular", 3, 3, seed=3, kl_scale=1.0)
     rloo = Recipe(reward_estimator="k1", reward_coef=1.0, baseline="rloo")
@@ -353,7 +353,7 @@ def test_group_monte_carlo_agrees_with_enumeration_and_detects_the_batch_mean_bi
 
 
 def test_stale_pair_k_updates_ago():
-    from biaslab.offpolicy import exact_loss_grad, stale_pair
+    from biaslab.engines.offpolicy import exact_loss_grad, stale_pair
 
     model, ref = make_pair("tabular", 3, 2, seed=4, kl_scale=1.0)
     reward = torch.linspace(0, 1, 9, dtype=torch.float64)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from biaslab import ExactEngine, make_config, make_pair
-from biaslab.check import check_estimator
+from biaslab.engines.stats import bias_test, kept_eigen
 from biaslab.llm.calibration import bootstrap_hotelling, hotelling, resampling_weights
-from biaslab.stats import bias_test, kept_eigen
-from biaslab.table import exact_table
+from biaslab.workflows.check import check_estimator
+from biaslab.workflows.table import exact_table
 
 D = torch.float64
 
@@ -170,7 +170,7 @@ def test_named_directions_of_round_off_size_never_match():
 def test_constant_task_rewards_do_not_move_a_verdict():
     """A GRPO group recipe with a constant task reward (std 0 within every group: R - mean is round-off, not 0, for
     R = 0.1) gives the verdicts of a zero task reward, and so does the same reward with 1e-15 relative noise."""
-    from biaslab.recipes import Recipe
+    from biaslab.core.recipes import Recipe
 
     policy, ref = make_pair("tabular", vocab_size=2, length=2, seed=0, kl_scale=1.0)
     rules = [Recipe(baseline="grpo", loss_estimator="k3", loss_coef=0.1, pg_agg="seq-mean-token-mean",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from biaslab.stats import (
+from biaslab.engines.stats import (
     Moments,
     adjust_p_values,
     bias_test,
@@ -77,7 +77,7 @@ def test_detectable_bias_is_detected_with_power_point_nine():
     """At the population detectable size, in the worst direction (largest variance), the test's power is 0.9:
     the rejection count over 300 repeats lies within binomial bounds (failure rate 1e-3). The size reported from
     one sample agrees with the population value to within 10%."""
-    from biaslab.stats import _noncentrality_for_power
+    from biaslab.engines.stats import _noncentrality_for_power
 
     P, n, reps, alpha = 4, 400, 300, 0.05
     scales = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)

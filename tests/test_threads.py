@@ -1,4 +1,4 @@
-"""Thread policy (biaslab.threads): one thread below the work threshold, env override, user pinning respected,
+"""Thread policy (biaslab.engines.threads): one thread below the work threshold, env override, user pinning respected,
 previous counts restored."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from biaslab import threads
+from biaslab.engines import threads
 
 SMALL, LARGE = threads.SMALL_WORK - 1, threads.SMALL_WORK
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from biaslab.toy import AutoregressiveModel, NeuralAR, TabularAR, make_pair
+from biaslab.engines.toy import AutoregressiveModel, NeuralAR, TabularAR, make_pair
 
 
 @torch.no_grad()
@@ -123,8 +123,8 @@ def test_a_tabular_policy_with_frozen_levels_is_refused_by_both_engines() -> Non
     """The closed-form tabular gradients cover every level: a frozen level would give gradient vectors of another
     length than the trainable parameters (a silent mismatch), so both engines refuse it with one message."""
     from biaslab import ExactEngine
-    from biaslab.montecarlo import MonteCarloEngine
-    from biaslab.toy import ModelError
+    from biaslab.engines.montecarlo import MonteCarloEngine
+    from biaslab.engines.toy import ModelError
 
     policy, ref = make_pair("tabular", 3, 3, seed=0, kl_scale=0.5)
     policy.levels[0].requires_grad_(False)

@@ -1,4 +1,5 @@
-"""Exact training dynamics (``biaslab.train``, ``biaslab.fixedpoints``): every end point is checked against truths
+"""Exact training dynamics (``biaslab.workflows.train``, ``biaslab.workflows.fixedpoints``): every end point is
+checked against truths
 computed here from the formulas (per-prefix backward induction written with dicts and scipy's root finder, the
 optimality conditions, autograd of the defining objectives), never against the code under test itself."""
 
@@ -15,8 +16,8 @@ from scipy.optimize import brentq
 
 from biaslab import ExactEngine, TabularAR, make_config, make_pair
 from biaslab.cli import main
-from biaslab.fixedpoints import targets
-from biaslab.train import (
+from biaslab.workflows.fixedpoints import targets
+from biaslab.workflows.train import (
     ExactFlow,
     TabularProblem,
     expected_update,
@@ -143,7 +144,7 @@ def test_each_target_is_a_stationary_point_of_its_configuration(case):
         "forward_kl_token_fixed_point": [("k3", "loss", "token")],
         "reverse_kl_token_fixed_point": [("k2", "loss", "token")],
     }
-    from biaslab.exact import enumerate_sequences
+    from biaslab.engines.exact import enumerate_sequences
 
     for name, configs in which.items():
         policy = tabular_from_seq_conditionals(truth[name], V, T)

@@ -13,8 +13,8 @@ import torch
 
 from biaslab import __version__, make_pair
 from biaslab.cli import main
-from biaslab.figures_train import TRAIN_FIGURES
-from biaslab.train import TrainSetup, parse_configs, parse_reward, train
+from biaslab.figures.train import TRAIN_FIGURES
+from biaslab.workflows.train import TrainSetup, parse_configs, parse_reward, train
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Stochastic training (``biaslab.train.MonteCarloTrainer``), seeded.
+"""Stochastic training (``biaslab.workflows.train.MonteCarloTrainer``), seeded.
 
 * The Monte Carlo update is unbiased for the exact expected update (``expected_update``, enumeration): a z-test on
   four projections per configuration (the exact direction and three seeded random ones), two-sided, Bonferroni over
@@ -18,7 +18,7 @@ import torch
 from scipy import stats
 
 from biaslab import make_pair
-from biaslab.train import (
+from biaslab.workflows.train import (
     MonteCarloTrainer,
     TabularProblem,
     clopper_pearson,

@@ -10,9 +10,9 @@ import torch
 
 import biaslab
 from biaslab.cli import main
-from biaslab.frameworks.audit import AuditToy, audit_loss
-from biaslab.testing import assert_kl_unbiased
-from biaslab.userloss import LossBatch, UserLoss, UserLossError
+from biaslab.workflows.audit import AuditToy, audit_loss
+from biaslab.workflows.testing import assert_kl_unbiased
+from biaslab.workflows.userloss import LossBatch, UserLoss, UserLossError
 
 TOY = AuditToy(max_group=2)
 BETA = 0.2

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from biaslab import ExactEngine, TabularAR, make_config, make_pair
-from biaslab.check import check_estimator
-from biaslab.estimators import Estimator
-from biaslab.recipes import Recipe
-from biaslab.testing import assert_unbiased
-from biaslab.verdict import tolerance
+from biaslab.core.estimators import Estimator
+from biaslab.core.recipes import Recipe
+from biaslab.core.verdict import tolerance
+from biaslab.workflows.check import check_estimator
+from biaslab.workflows.testing import assert_unbiased
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_verdict_is_invariant_to_the_gradient_scale():
 
 def test_an_estimator_that_mutates_its_inputs_is_refused():
     """In-place edits of logp_ref would silently change every later number: refused with the input named."""
-    from biaslab.estimators import EstimatorError
+    from biaslab.core.estimators import EstimatorError
 
     def sneaky(lp, lr):
         lr.mul_(0.5)

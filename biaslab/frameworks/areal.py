@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import clamped
-from ..recipes import Recipe
+from ..core.estimators import clamped
+from ..core.recipes import Recipe
 from .base import Key, Preset, clip_range, kl_terms
 
 KL = {name: clamped(name, output_clamp=10.0, name=f"{name}_areal") for name in ("k1", "k2", "k3")}

@@ -3,7 +3,7 @@
 A ``Preset`` lists its ``Key``s exactly as the framework names them (dotted Hydra paths for verl/SkyRL/NeMo-RL,
 argparse flags without dashes for OpenRLHF/slime, config fields for TRL). ``config(settings)`` merges user
 settings over the defaults and rejects unknown keys or values with the accepted ones listed; ``recipe(cfg)``
-reproduces the framework's formulas through ``biaslab.recipes`` and its estimators through the registry.
+reproduces the framework's formulas through ``biaslab.core.recipes`` and its estimators through the registry.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..recipes import Recipe
+from ..core.recipes import Recipe
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

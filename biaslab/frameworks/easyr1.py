@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..recipes import Recipe
+from ..core.recipes import Recipe
 from .base import Key, Preset, clip_range, fixed_kl, kl_terms
 from .verl import KL_TYPES
 

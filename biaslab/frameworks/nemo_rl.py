@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import clamped
-from ..recipes import Recipe
+from ..core.estimators import clamped
+from ..core.recipes import Recipe
 from .base import Key, Preset, kl_terms
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3"}

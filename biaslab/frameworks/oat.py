@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import clamped
-from ..recipes import Recipe
+from ..core.estimators import clamped
+from ..core.recipes import Recipe
 from .base import Key, Preset, clip_range, kl_terms
 
 K3_OAT = clamped("k3", input_clamp=40.0, name="k3_oat")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import straight_through
-from ..recipes import Recipe
+from ..core.estimators import straight_through
+from ..core.recipes import Recipe
 from .base import Key, Preset, PresetError, clip_range, fixed_kl, kl_terms
 
 KL_VALUES = {"k1": "k1_clamped", "k2": "k2_clamped", "k3": "k3_lowclamp"}

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import clamped
-from ..recipes import Recipe
+from ..core.estimators import clamped
+from ..core.recipes import Recipe
 from .base import Key, Preset, clip_range, fixed_kl, kl_terms
 
 KL_PENALTY = {"kl": "k1", "abs": "abs", "mse": "k2"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..recipes import Recipe
+from ..core.recipes import Recipe
 from .base import Key, Preset, PresetError, kl_terms
 
 KL_TYPES = {"k1": "k1", "abs": "abs", "k2": "k2", "k3": "k3_clamped"}

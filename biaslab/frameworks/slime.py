@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import clamped
-from ..recipes import Recipe
+from ..core.estimators import clamped
+from ..core.recipes import Recipe
 from .base import Key, Preset, clip_range, kl_terms
 
 KL_TYPES = {"k1": "k1", "k2": "k2", "k3": "k3", "low_var_kl": clamped("k3", output_clamp=10.0, name="k3_outclamp")}

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..estimators import clamped
-from ..recipes import Recipe
+from ..core.estimators import clamped
+from ..core.recipes import Recipe
 from .base import Key, Preset, clip_range, kl_terms
 
 K3_SWIFT = clamped("k3", input_clamp=20.0, output_clamp=10.0, name="k3_swift")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..recipes import Recipe
+from ..core.recipes import Recipe
 from .base import Key, Preset, kl_terms
 
 

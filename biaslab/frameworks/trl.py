@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..recipes import Recipe
+from ..core.recipes import Recipe
 from .base import Key, Preset, PresetError, clip_range, kl_terms
 
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "constant"}

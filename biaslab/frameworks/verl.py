@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..recipes import Recipe
+from ..core.recipes import Recipe
 from .base import Key, Preset, fixed_kl, kl_terms
 
 KL_TYPES: dict[str, str] = {

@@ -2,7 +2,7 @@
 
 Exact enumeration is impossible on a real model, so this package samples completions, scores them under the
 policy pi_theta and the reference pi_ref, differentiates every configuration's per-sample surrogate
-(``biaslab.placements``) on a chosen parameter subset, and compares the sample means with an unbiased reference
+(``biaslab.core.placements``) on a chosen parameter subset, and compares the sample means with an unbiased reference
 gradient of the reverse KL(pi_theta || pi_ref) with calibrated tests and confidence intervals (``calibration``).
 
 Modules (one idea each): ``models`` (offline loading), ``policy`` (the LoRA adapter that makes pi_theta differ

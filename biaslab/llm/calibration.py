@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..stats import EPS64, ROUNDOFF_COV, _noncentrality_for_power, adjust_p_values, mean_is_exact, whitened_sq
+from ..engines.stats import EPS64, ROUNDOFF_COV, _noncentrality_for_power, adjust_p_values, mean_is_exact, whitened_sq
 
 #: Smallest number of main samples at which the test and intervals were found calibrated by ``simulate`` on the
 #: enumerable tiny GPT-2 (false alarms and Fieller coverage within binomial bounds of nominal; README, tests).
@@ -111,7 +111,8 @@ def fieller_bootstrap(a: Tensor, b: Tensor, alpha: float, w: Tensor) -> tuple[fl
 
 def _t2(x: Tensor, size2: float | None = None) -> tuple[Tensor, Tensor, float, int, float]:
     """Mean (k,), covariance (k, k), Hotelling's T^2 = n m^T S^+ m on the kept eigenspace of S (the rank rule of
-    ``biaslab.stats.kept_eigen`` at data scale ``size2``, default E||x||^2 of the rows), its rank p, and the scale."""
+    ``biaslab.engines.stats.kept_eigen`` at data scale ``size2``, default E||x||^2 of the rows), its rank p, and the
+    scale."""
     n, k = x.shape
     mean = x.mean(0)  # (k,)
     cov = torch.cov(x.T).reshape(k, k)  # (k, k)
@@ -127,9 +128,9 @@ def hotelling(x: Tensor, size2: float | None = None) -> tuple[float, float, tupl
     Paired differences d = g_c - g_ref must pass the scale of g_c and g_ref: differences that are round-off of
     equal rows are then zero, not noise to test.
 
-    The test runs on the p directions the rows vary in (``biaslab.stats.kept_eigen``; p = k unless the rows are
+    The test runs on the p directions the rows vary in (``biaslab.engines.stats.kept_eigen``; p = k unless the rows are
     rank-deficient, e.g. fewer independent rows than coordinates). Rows with no variance at all make an exact test:
-    p-value 1 when their mean is 0 to round-off (``biaslab.stats.mean_is_exact``), else 0."""
+    p-value 1 when their mean is 0 to round-off (``biaslab.engines.stats.mean_is_exact``), else 0."""
     from scipy import stats
 
     n, k = x.shape
@@ -153,7 +154,7 @@ def bootstrap_hotelling(x: Tensor, w: Tensor, size2: float | None = None) -> tup
 
     The p-value is the share of resamples whose Hotelling T^2 about the sample mean, n (m* - m)^T S*^+ (m* - m),
     reaches the observed n m^T S^+ m ((1 + count) / (1 + B)); unlike the F reference distribution it adapts to
-    skewed, heavy-tailed per-sample gradients. Both use the kept eigenspace (``biaslab.stats.kept_eigen``). A
+    skewed, heavy-tailed per-sample gradients. Both use the kept eigenspace (``biaslab.engines.stats.kept_eigen``). A
     resample whose covariance keeps fewer directions than the observed one (few distinct rows: with few
     independent groups, many resamples) cannot be studentized in those directions; it counts as reaching the
     observed statistic, which makes the p-value conservative (never below (1 + degenerate) / (1 + B)). ``size2``

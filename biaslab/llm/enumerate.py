@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..exact import enumerate_sequences
+from ..engines.exact import enumerate_sequences
 from .calibration import Enumerated
 from .models import LLMError
 from .run import REFERENCE_KEY, Setup, _ref_logp_full, forward_grads, sample_grads

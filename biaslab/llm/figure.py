@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_write_figure, csv_text
-from ..plotting import png_bytes
+from ..core.io import atomic_write_figure, csv_text
+from ..figures.plotting import png_bytes
 
 FIELDS = ["config", "label", "n", "rel_bias_along_reference", "ci_low", "ci_high", "rel_bias_toward_forward_token",
           "toward_ci_low", "toward_ci_high", "rel_bias_norm", "rel_bias_norm_ci_low", "rel_bias_norm_ci_high",

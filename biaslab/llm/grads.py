@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..placements import Coefficients
+from ..core.placements import Coefficients
 from .models import LLMError
 from .policy import LoRALinear, is_linear, lora_modules
 

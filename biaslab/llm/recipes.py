@@ -1,7 +1,8 @@
 """Framework recipes and user losses on the real model: ``biaslab llm --framework NAME --set KEY=VALUE`` and
 ``biaslab llm --loss FILE:FUNC``, the same update rules ``biaslab audit`` judges on its toy.
 
-A rule (a preset's ``biaslab.recipes.Recipe``, or a ``biaslab.userloss.UserLoss``) maps ONE group of B responses
+A rule (a preset's ``biaslab.core.recipes.Recipe``, or a ``biaslab.workflows.userloss.UserLoss``) maps ONE group of B
+responses
 to one prompt to a scalar loss L(logp, old_logp, ref_logp, mask); the trainer steps along -grad L. On the real
 model the pass draws the main samples in blocks of B consecutive responses that share a prompt, so every block is
 one group. L depends on theta only through the sampled tokens' log-probabilities, so its gradient is
@@ -45,7 +46,7 @@ class LLMRule:
 
     key: str
     label: str
-    rule: object  # biaslab.recipes.Recipe or biaslab.userloss.UserLoss
+    rule: object  # biaslab.core.recipes.Recipe or biaslab.workflows.userloss.UserLoss
     group_size: int
     description: str
     notes: list[str] = field(default_factory=list)
@@ -84,10 +85,10 @@ def build_rules(opts) -> list[LLMRule]:
 
 
 def _preset_rule(opts) -> LLMRule:
+    from ..core.recipes import RecipeError
     from ..frameworks import get_preset
     from ..frameworks.base import PresetError
-    from ..frameworks.cli import load_config_file, parse_sets
-    from ..recipes import RecipeError
+    from ..frameworks.config import load_config_file, parse_sets
 
     try:
         preset = get_preset(opts.framework)
@@ -122,7 +123,7 @@ def _preset_rule(opts) -> LLMRule:
 
 
 def _loss_rule(opts, spec: str) -> LLMRule:
-    from ..userloss import UserLoss, UserLossError, load_loss
+    from ..workflows.userloss import UserLoss, UserLossError, load_loss
 
     try:
         fn = load_loss(spec)
@@ -140,7 +141,7 @@ def rule_coefficients(r: LLMRule, lp: Tensor, lr: Tensor, mask: Tensor, whiten: 
     """(B, L) a = dL/dlogp of each group's loss on the batch's consecutive groups of ``r.group_size`` (float64
     autograd, ``placements.loss_coefficients``; on-policy: old_logp = logp in value; task rewards 0); 0 on padding.
     ``lp``/``lr`` are the sampled tokens' log-probs, ``mask`` 1 on response tokens."""
-    from ..placements import loss_coefficients
+    from ..core.placements import loss_coefficients
 
     B, L = lp.shape
     g = r.group_size
@@ -163,7 +164,7 @@ def rule_coefficients(r: LLMRule, lp: Tensor, lr: Tensor, mask: Tensor, whiten: 
 def whiten_stats(r: LLMRule, lp: Tensor, lr: Tensor, mask: Tensor) -> tuple[float, float]:
     """Population (mean, std) of the rule's per-token advantages (before whitening) over the responses given (the
     independent direction samples, in groups), as ``ExactEngine.whiten_stats`` computes them exactly."""
-    from ..recipes import advantages
+    from ..core.recipes import advantages
 
     n, L = lp.shape
     g = r.group_size

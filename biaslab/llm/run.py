@@ -41,23 +41,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from .. import __version__
-from ..estimators import get_estimator
-from ..placements import Coefficients, KLConfig, make_config, surrogate_coefficients
-from ..verdict import cosine
+from .._version import __version__
+from ..core.estimators import get_estimator
+from ..core.placements import Coefficients, KLConfig, make_config, surrogate_coefficients
+from ..core.verdict import cosine
 from . import distributed as D
 from .calibration import MIN_CALIBRATED_SAMPLES, Directions, analyze
 from .grads import PerSampleGrads, logit_cotangent, make_sketch, select_params
 from .models import TINY_MODELS, LLMError, load_model
-from .policy import (
-    DEFAULT_TARGETS,
-    attach_lora,
-    broadcast_lora,
-    perturb_lora,
-    reference_mode,
-    scale_lora,
-    train_lora,
-)
+from .policy import DEFAULT_TARGETS, attach_lora, broadcast_lora, perturb_lora, reference_mode, scale_lora, train_lora
 from .recipes import LLMRule, build_rules, rule_coefficients, whiten_stats
 from .sample import (
     DEFAULT_PROMPTS,
@@ -164,7 +156,7 @@ class LLMOptions:
     framework_settings: tuple[str, ...] = ()  # KEY=VALUE in the framework's own names
     framework_config: str | None = None
     enable_kl: bool = False
-    losses: tuple[str, ...] = ()  # FILE:FUNC (biaslab.userloss contract)
+    losses: tuple[str, ...] = ()  # FILE:FUNC (biaslab.workflows.userloss contract)
     loss_beta: float | None = None
     loss_agg: str | None = None
     group_size: int | None = None  # responses per group of the recipes (default: the preset's; 2 for --loss)

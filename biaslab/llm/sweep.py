@@ -15,9 +15,9 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import __version__
-from ..io import atomic_write_figure, csv_text
-from ..plotting import png_bytes
+from .._version import __version__
+from ..core.io import atomic_write_figure, csv_text
+from ..figures.plotting import png_bytes
 from . import distributed as D
 from .run import LLMOptions, run_llm
 

@@ -32,8 +32,8 @@ def exact_rows(engine, configs) -> list[dict]:
 
 def exact_section() -> dict:
     from biaslab import ExactEngine, make_pair
-    from biaslab.recipes import Recipe
-    from biaslab.table import all_configs
+    from biaslab.core.recipes import Recipe
+    from biaslab.workflows.table import all_configs
 
     basic = all_configs(("k1", "k2", "k3", "abs"))
     groups = [
@@ -58,14 +58,14 @@ def exact_section() -> dict:
 
 
 def audit_section() -> list[dict]:
-    from biaslab.frameworks.audit import audit_defaults, records
+    from biaslab.workflows.audit import audit_defaults, records
 
     keep = ("framework", "scenario", "verdict", "direction", "rel_bias", "scale", "variance")
     return [{k: row.get(k) for k in keep} for row in records(list(audit_defaults()))]
 
 
 def mc_section() -> dict:
-    from biaslab.check import check_estimator
+    from biaslab.workflows.check import check_estimator
 
     out = {}
     for placement, level in (("loss", "token"), ("both", "token"), ("loss", "sequence")):
@@ -83,7 +83,7 @@ def fingerprint() -> dict:
 
 
 if __name__ == "__main__":
-    from biaslab.io import to_json
+    from biaslab.core.io import to_json
 
     text = to_json({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                     **fingerprint()})

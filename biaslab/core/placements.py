@@ -4,7 +4,7 @@ For a per-sample estimate K_theta(y) the gradient of its expectation splits in t
 
     grad E_{y~pi}[K(y)] = E[ grad K(y) ]  (pathwise)  +  E[ K(y) * grad log pi(y) ]  (score function)
 
-A configuration (``make_config``, which builds the one configuration type ``biaslab.recipes.Recipe``) picks
+A configuration (``make_config``, which builds the one configuration type ``biaslab.core.recipes.Recipe``) picks
 which half a trainer estimates. Its ``surrogate`` returns one scalar per sample whose
 gradient with respect to theta *is* that sample's estimate g(y) of grad KL(pi_theta || pi_ref) (reverse,
 sequence level; beta omitted). With token log-probs logp_t = log pi(y_t|y_<t) and per-token values k_t:
@@ -24,100 +24,22 @@ sample's gradient is sum_{t,v} a_{tv} grad log pi(v|y_<t) with a = dS/dlogp_full
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .estimators import Estimator, EstimatorError, get_estimator
-from .toy import at_tokens
+from .types import Coefficients, Credit, Level, Placement, TokenBatch, at_tokens, parse_enum  # noqa: F401
 
 if TYPE_CHECKING:
     from .recipes import Recipe as KLConfig
-
-
-class Placement(str, Enum):
-    """Where the estimate enters: detached in the reward, backpropagated in the loss, or both."""
-
-    REWARD = "reward"
-    LOSS = "loss"
-    BOTH = "both"
-
-
-class Level(str, Enum):
-    """token: sum_t k(delta_t); sequence: k(sum_t delta_t)."""
-
-    TOKEN = "token"
-    SEQUENCE = "sequence"
-
-
-class Credit(str, Enum):
-    """Which part of the KL return multiplies grad log pi(y_t): all of it, or the reward-to-go."""
-
-    FULL = "full"
-    RTG = "rtg"
-
-
-def _enum(cls: type[Enum], value: object) -> Enum:
-    try:
-        return cls(value.value if isinstance(value, Enum) else value)
-    except ValueError:
-        choices = ", ".join(m.value for m in cls)
-        raise ValueError(f"unknown {cls.__name__.lower()} {value!r}; choose one of: {choices}") from None
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Sampled (or enumerated) sequences with both models' next-token log-probabilities.
-
-    tokens: (N, T) long; logp_full: (N, T, V) log pi(.|y_<t), differentiable; logp_ref_full: (N, T, V) fixed.
-    """
-
-    tokens: Tensor
-    logp_full: Tensor
-    logp_ref_full: Tensor
-    sampled_logp: Tensor | None = None  # (N, T) optional: given, it replaces the gather from logp_full
-    sampled_logp_ref: Tensor | None = None  # (N, T) optional
-
-    @property
-    def logp(self) -> Tensor:
-        """(N, T) log pi(y_t | y_<t) at the sampled tokens."""
-        if self.sampled_logp is not None:
-            return self.sampled_logp
-        return at_tokens(self.logp_full, self.tokens)
-
-    @property
-    def logp_ref(self) -> Tensor:
-        """(N, T) log pi_ref(y_t | y_<t) at the sampled tokens."""
-        if self.sampled_logp_ref is not None:
-            return self.sampled_logp_ref
-        return at_tokens(self.logp_ref_full, self.tokens)
 
 
 def input_grads(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
     """[d out.sum() / d x for x in inputs]: autograd, zeros where ``out`` does not depend on x."""
     grads = torch.autograd.grad(out.sum(), inputs, allow_unused=True) if out.requires_grad else [None] * len(inputs)
     return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
-
-
-class Coefficients(NamedTuple):
-    """dS/dlogp: ``tok`` (N, T) on the sampled tokens; ``full`` (N, T, V) on whole distributions, or None.
-
-    A sample's gradient estimate is g(y) = sum_t tok_t grad log pi(y_t|y_<t) + sum_{t,v} full_tv grad log pi(v|y_<t).
-    """
-
-    tok: Tensor
-    full: Tensor | None
-
-    def dense(self, tokens: Tensor, vocab_size: int) -> Tensor:
-        """(N, T, V) one tensor of full coefficients: ``tok`` scattered onto the sampled tokens, plus ``full``."""
-        if self.full is None:
-            out = self.tok.new_zeros(*tokens.shape, vocab_size)
-        else:
-            out = self.full.clone()
-        return out.scatter_add_(-1, tokens.unsqueeze(-1), self.tok.unsqueeze(-1))
 
 
 def surrogate_coefficients(
@@ -188,9 +110,9 @@ def make_config(
     from .recipes import Recipe
 
     est = get_estimator(estimator)
-    placement = _enum(Placement, placement)
-    level = _enum(Level, level)
-    credit = None if placement is Placement.LOSS else _enum(Credit, credit or Credit.RTG)
+    placement = parse_enum(Placement, placement)
+    level = parse_enum(Level, level)
+    credit = None if placement is Placement.LOSS else parse_enum(Credit, credit or Credit.RTG)
     if est.needs_full_logits and level is Level.SEQUENCE:
         raise EstimatorError(f"estimator {est.name!r} reads full next-token distributions and has no sequence level")
     in_reward = placement in (Placement.REWARD, Placement.BOTH)

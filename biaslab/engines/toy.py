@@ -19,12 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from ..core.types import at_tokens
+
 DTYPE = torch.float64
-
-
-def at_tokens(x: Tensor, tokens: Tensor) -> Tensor:
-    """(..., T) the entries of x (..., T, V) at the tokens (..., T), e.g. log pi(y_t | y_<t) from log pi(. | y_<t)."""
-    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 class ModelError(ValueError):

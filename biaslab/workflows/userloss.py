@@ -10,7 +10,7 @@ Contract. ``FUNC(batch) -> scalar loss`` for ONE group of B responses to one pro
     rewards   (B,)   task rewards (0 with ``rewards="zero"``)
 
 Log-probs are 0 after the end. ``UserLoss`` wraps the function as an update rule of the exact engine
-(``biaslab.exact.ExactEngine``): it is evaluated on every enumerated group at once with ``torch.func.vmap``
+(``biaslab.engines.exact.ExactEngine``): it is evaluated on every enumerated group at once with ``torch.func.vmap``
 when the function allows it (checked against a plain loop on the first groups), else in a loop. The expected
 gradient of the loss is compared with ``nominal * grad KL(pi || pi_ref)`` where nominal = beta * B * (the weight
 the declared aggregation ``agg`` gives one token of a full-length group): ``agg="seq-mean-token-sum"`` (the
@@ -18,7 +18,7 @@ default) is a mean over the B responses of per-response sums; a token mean over 
 
 With ``rewards="binary"`` each enumerated response gets a seeded 0/1 task reward and ``biaslab.audit_loss`` judges
 the whole update against grad(E[R] - beta KL): E[g] must equal nominal * (grad KL - grad E[R] / beta)
-(``biaslab.frameworks.audit.evaluate_whole_update``). ``UserLoss.without_kl()`` (the same function with the
+(``biaslab.workflows.audit.evaluate_whole_update``). ``UserLoss.without_kl()`` (the same function with the
 behaviour policy as its own reference, ``ref_logp := old_logp``: every per-token KL value is 0 and its gradient
 has expectation 0 on-policy) is what an engine subtracts when it judges the KL part of an update alone.
 """
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from .aggregation import check_mode, nominal_token_weight
+from ..core.aggregation import check_mode, nominal_token_weight
 
 FIELDS = ("logp", "old_logp", "ref_logp", "mask", "rewards")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,9 +64,9 @@ class LossBatch(Mapping):
 
 def load_loss(spec: str) -> Callable:
     """The function ``FUNC`` of ``FILE:FUNC`` (a Python file path, or a module importable from the current folder),
-    loaded by the same loader as ``biaslab check`` (``biaslab.check.load_function``)."""
+    loaded by the same loader as ``biaslab check`` (``biaslab.workflows.check.load_function``)."""
+    from ..core.estimators import EstimatorError
     from .check import load_function
-    from .estimators import EstimatorError
 
     try:
         return load_function(spec)
@@ -80,7 +80,7 @@ class UserLoss:
     Args:
         fn: the loss function of one group.
         beta: the KL coefficient inside the function (sets the nominal scale).
-        agg: how the function aggregates tokens (``biaslab.aggregation`` mode; sets the nominal scale only).
+        agg: how the function aggregates tokens (``biaslab.core.aggregation`` mode; sets the nominal scale only).
         horizon: H of ``seq-mean-token-sum-norm`` / ``constant`` (default: the toy's T).
         name: shown in reports.
         vectorize: "auto" (vmap, checked against a loop, falling back to the loop), "vmap" or "loop".

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 BIAS_FLOOR = 1e-12
 
-#: Plot style per configuration label of ``biaslab.sweeps.FIG_CONFIGS``.
+#: Plot style per configuration label of ``biaslab.workflows.sweeps.FIG_CONFIGS``.
 STYLES: dict[str, dict] = {
     "k1 in reward": dict(color="tab:blue", marker="o", ms=9, mfc="none", ls="-"),
     "k3 in reward": dict(color="tab:red", marker="s", ms=6, ls="-"),
@@ -33,7 +33,7 @@ def style(label: str) -> dict:
 
 def plot_bias_variance(ax_bias, ax_var, rows: Sequence[dict], x: str, xlabel: str, log_x: bool = False) -> None:
     """Relative bias (log y, exact zeros at the floor) and per-sample variance (log y) of each configuration
-    against the field ``x`` of ``rows`` (rows as from ``biaslab.sweeps``, numbers as floats)."""
+    against the field ``x`` of ``rows`` (rows as from ``biaslab.workflows.sweeps``, numbers as floats)."""
     for label in dict.fromkeys(r["config"] for r in rows):  # configurations in first-seen order
         rs = sorted((r for r in rows if r["config"] == label), key=lambda r: float(r[x]))
         xs = [float(r[x]) for r in rs]

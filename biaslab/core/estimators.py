@@ -11,7 +11,7 @@ KL(pi_theta || pi_ref) of the next-token distribution when y_t ~ pi_theta:
     abs = |delta|                    biased value
 
 Whether the *gradient* that reaches theta is unbiased is a separate question decided by the placement
-(``biaslab.placements``) and answered by computation (``biaslab.exact``), never by a flag on the estimator.
+(``biaslab.core.placements``) and answered by computation (``biaslab.engines.exact``), never by a flag on the estimator.
 
 Estimators that need the whole next-token distribution (the Rao-Blackwellized ``rb``) set
 ``needs_full_logits=True`` and take ``(logp_full, logp_ref_full)`` of shape (..., V) instead.

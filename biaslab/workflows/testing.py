@@ -1,6 +1,6 @@
 """Assertions for a user's own pytest suite.
 
-from biaslab.testing import assert_unbiased
+from biaslab.workflows.testing import assert_unbiased
 
 def test_my_kl_estimator_is_unbiased_in_reward_plus_loss():
     assert_unbiased(my_k3, placement="both")                 # exact, float64, no noise
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..core.estimators import Estimator
 from .check import CheckReport, check_estimator
-from .estimators import Estimator
 
 
 def assert_unbiased(estimator: Callable | Estimator | str, placement: str = "both", **kwargs: object) -> CheckReport:
     """Raise AssertionError (with the full report) unless ``estimator`` placed as given is unbiased for
     grad KL(pi || pi_ref) (exact mode), or the Monte Carlo test detects no bias (mode="mc": a test that does not
     reject has not shown unbiasedness; the report states the smallest bias it could detect). Keyword arguments go
-    to ``biaslab.check.check_estimator``. Returns the report."""
+    to ``biaslab.workflows.check.check_estimator``. Returns the report."""
     report = check_estimator(estimator, placement, **kwargs)
     if not report.passed:
         raise AssertionError("KL gradient estimator is not unbiased:\n" + report.format_text())
@@ -42,13 +42,13 @@ def assert_kl_unbiased(
     "off_policy"). Contract and keyword arguments (group_size, rewards, agg, ...): ``biaslab.audit_loss``.
     Returns the audit report.
 
-        from biaslab.testing import assert_kl_unbiased
+        from biaslab.workflows.testing import assert_kl_unbiased
 
         def test_my_trainer_kl_is_unbiased():
             assert_kl_unbiased(my_trainer.loss, beta=0.05, agg="token-mean")
     """
-    from .frameworks.audit import audit_loss
-    from .frameworks.cli import _text
+    from .audit import audit_loss
+    from .audit_report import format_text
 
     unknown = [s for s in scenarios if s not in ("on_policy", "variable_length", "off_policy")]
     if unknown:
@@ -56,5 +56,5 @@ def assert_kl_unbiased(
     report = audit_loss(loss_fn, beta=beta, **kwargs)  # type: ignore[arg-type]
     bad = [s for s in scenarios if report[s]["verdict"] != "unbiased"]
     if bad:
-        raise AssertionError(f"the loss's KL gradient is not unbiased ({', '.join(bad)}):\n" + _text(report))
+        raise AssertionError(f"the loss's KL gradient is not unbiased ({', '.join(bad)}):\n" + format_text(report))
     return report

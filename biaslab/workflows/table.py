@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .exact import ExactEngine, ExactResult
-from .io import csv_text
-from .io import to_json as _json_text
-from .placements import all_configs
-from .toy import AutoregressiveModel
-from .verdict import DIRECTIONS
+from ..core.io import csv_text
+from ..core.io import to_json as _json_text
+from ..core.placements import all_configs
+from ..core.verdict import DIRECTIONS
+from ..engines.exact import ExactEngine, ExactResult
+from ..engines.toy import AutoregressiveModel
 
 FIELDS = [
     *("estimator", "placement", "level", "credit", "rel_bias", "cos_reverse", "cos_forward", "variance"),

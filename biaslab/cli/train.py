@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from . import __version__
+from .._version import __version__
 
 
 def _betas(text: str) -> list[float]:
@@ -28,7 +28,7 @@ DEFAULT_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``biaslab`` subcommands (the shared flags from ``biaslab.cli.add_common_flags``)."""
-    from .cli import add_common_flags, nonnegative_int, positive_int, record_defaults
+    from .flags import add_common_flags, nonnegative_int, positive_int, record_defaults
 
     p = sub.add_parser(
         "train",
@@ -76,7 +76,7 @@ def _positive_float(text: str) -> float:
 
 def unused_flags(args: argparse.Namespace) -> list[str]:
     """The flags set away from their defaults that this mode / model does not read."""
-    from .cli import changed_flags
+    from .flags import changed_flags
 
     tabular = args.logits is not None or args.model == "tabular"
     return changed_flags(args, EXACT_ONLY if args.mode == "mc" else MC_ONLY + (() if tabular else ("no_precondition",)))
@@ -85,10 +85,10 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .fixedpoints import sequence_probs
-    from .io import load_logits_npz
-    from .toy import make_pair
-    from .train import TrainSetup, cond_tables, parse_configs, parse_reward, train
+    from ..engines.logits import load_logits_npz
+    from ..engines.toy import make_pair
+    from ..workflows.fixedpoints import sequence_probs
+    from ..workflows.train import TrainSetup, cond_tables, parse_configs, parse_reward, train
 
     torch.set_num_threads(1)
     configs = parse_configs(args.configs)
@@ -124,12 +124,12 @@ def run_train(args: argparse.Namespace) -> int:
         **({"mc": mc} if mc else {}),
     }
     if args.out is not None:
-        from .figures_train import write_train_artifacts
+        from ..figures.train import write_train_artifacts
 
         for path in write_train_artifacts(result, meta, args.out):
             print(path, file=sys.stderr)
     if args.format == "json":
-        from .io import to_json
+        from ..core.io import to_json
 
         print(to_json({**result.as_dict(with_trajectory=not args.no_trajectory), "meta": meta}))
         return 0

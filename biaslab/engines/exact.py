@@ -22,8 +22,8 @@ with a = dL/dlogp (and c = dL/dlogp_full for estimators that read whole distribu
   (N, T, T) and the means of every field registered before it);
 * when B > 1, sums over the sorted groups (multisets, weighted by their orderings: a ``Recipe`` is symmetric in
   the group's members) and takes E||g||^2 from the Jacobian (N, T, P);
-* computes the named directions (``biaslab.verdict.DIRECTIONS``) and KLs over complete responses, and applies
-  the one verdict rule (``biaslab.verdict.exact_verdict``) against ``nominal * grad KL(pi || pi_ref)``.
+* computes the named directions (``biaslab.core.verdict.DIRECTIONS``) and KLs over complete responses, and applies
+  the one verdict rule (``biaslab.core.verdict.exact_verdict``) against ``nominal * grad KL(pi || pi_ref)``.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..core.placements import Coefficients, TokenBatch, input_grads, loss_coefficients, make_config
+from ..core.recipes import Recipe, advantages, kl_credit, sequence_values, token_values
+from ..core.verdict import DIRECTIONS, Directions, Verdict, exact_verdict, true_gradient_is_zero
 from . import toy
-from .placements import Coefficients, TokenBatch, input_grads, loss_coefficients, make_config
-from .recipes import Recipe, advantages, kl_credit, sequence_values, token_values
 from .toy import DTYPE, AutoregressiveModel, ModelError, at_tokens, check_models
-from .verdict import DIRECTIONS, Directions, Verdict, exact_verdict, true_gradient_is_zero
 
 DEFAULT_MAX_BYTES = int(float(os.environ.get("BIASLAB_MAX_BYTES", 4 * 2**30)))
 MAX_GROUPS = 2_000_000
@@ -88,7 +88,7 @@ def check_enumerable(
         raise EnumerationTooLarge(
             f"enumerating {n:.4g} responses (V={vocab_size}, T={length}) would need about {_human(need)} of memory "
             f"(limit {_human(max_bytes)}; set BIASLAB_MAX_BYTES to change it). "
-            "Use Monte Carlo instead: biaslab.montecarlo, or `biaslab check --mode mc`."
+            "Use Monte Carlo instead: biaslab.engines.montecarlo, or `biaslab check --mode mc`."
         )
     return need
 
@@ -924,7 +924,7 @@ class ExactEngine:
     # ------------------------------------------------------------------ verdicts
 
     def evaluate(self, config) -> ExactResult:
-        """Exact expected update, variance, verdict (``biaslab.verdict``) and matched directions of ``config``."""
+        """Exact expected update, variance, verdict (``biaslab.core.verdict``) and matched directions of ``config``."""
         tr = self.truths()
         mean, second, wstd = self.moments(config)
         variance = max(second - float(mean @ mean), 0.0)

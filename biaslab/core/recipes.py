@@ -28,20 +28,20 @@ A ``Recipe`` adds, around a KL estimator, what real trainers do with it:
   (differentiable; TRL ``use_bias_correction_kl``, slime ``--use-unbiased-kl``), ``score`` = exp(logp - sg(logp))
   (value 1, adds the score term; NeMo-RL), ``ratio_detached`` = sg(min(rho, clamp)), ``ratio_detached_grad`` =
   the same weight applied to the gradient only (value unchanged; OpenRLHF ``unbiased_gradient``).
-* **Aggregation** of each per-token loss matrix by ``biaslab.aggregation.aggregate``.
+* **Aggregation** of each per-token loss matrix by ``biaslab.core.aggregation.aggregate``.
 
 * **Level** (``level``): ``token`` uses the per-token values k_t; ``sequence`` the value of the summed log-ratio,
   K = k(sum_t logp_t, sum_t logp_ref_t), which in the reward credits every token with K and in the loss sits on the
   response's last token. Estimators that read whole next-token distributions (``rb``) are token level and need the
   full log-probabilities (``logp_full``).
 
-``Recipe`` is biaslab's one configuration type: ``biaslab.placements.make_config(estimator, placement, level,
+``Recipe`` is biaslab's one configuration type: ``biaslab.core.placements.make_config(estimator, placement, level,
 credit)`` builds the basic ones (B = 1, no baseline, on-policy REINFORCE, token-sum, coefficient 1), for which the
 update is the per-sample estimate g(y) of grad KL(pi || pi_ref) of BACKGROUND section 3.
 
 ``batch_loss`` evaluates a recipe on stacked batches (..., B, T), so the exact engine can pass every enumerated
 group at once. The gradient is an estimate of beta * grad KL(pi_theta || pi_ref) (reverse, sequence level) times
-the recipe's nominal scale (``nominal_scale``); ``biaslab.exact.ExactEngine`` says whether it is unbiased.
+the recipe's nominal scale (``nominal_scale``); ``biaslab.engines.exact.ExactEngine`` says whether it is unbiased.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from torch import Tensor
 
 from .aggregation import aggregate, check_mode, nominal_token_weight
 from .estimators import Estimator, get_estimator
-from .placements import Credit, Level, Placement, TokenBatch
+from .types import Credit, Level, Placement, TokenBatch
 
 BASELINES = ("none", "batch_mean", "rloo", "grpo")
 CREDITS = ("rtg", "full")

@@ -18,7 +18,7 @@ closed form computed here by formula or backward induction, independently of any
   pi(v|h) = q(v|h) exp(Q(h,v)/beta) / Z_h with Q the *expected* (not soft) downstream reward, by backward induction.
 
 Conditional tables are lists ``cond[t]`` of shape (V**t, V): row = the prefix's base-V number (first token most
-significant), the layout of ``biaslab.toy.TabularAR`` and of ``--logits`` files.
+significant), the layout of ``biaslab.engines.toy.TabularAR`` and of ``--logits`` files.
 """
 
 from __future__ import annotations

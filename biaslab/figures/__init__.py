@@ -10,7 +10,7 @@ library version. Figures are registered with ``@figure`` and run in registration
 * ``directions``: each configuration's exact E[g] placed by its cosines with the reverse- and forward-KL gradients;
 * ``values``: bias/true and stdev/true of k1, k2, k3 as value estimators (Gaussians and toys; markdown + CSV).
 
-Plots are drawn from the CSV as written (numbers rounded by ``biaslab.io``), torch runs on one thread while
+Plots are drawn from the CSV as written (numbers rounded by ``biaslab.core.io``), torch runs on one thread while
 figures are made, and every random draw comes from a seeded generator, so two runs write identical bytes.
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .io import atomic_write_many, csv_text, to_json
+from .._version import __version__
+from ..core.io import atomic_write_many, csv_text, to_json
 from .plotting import BIAS_FLOOR, legend_below, plot_bias_variance, plot_direction_matrix, png_bytes
 
 FigureFn = Callable[..., list[Path]]
@@ -43,7 +43,8 @@ class Artifact:
     """The files of one figure, ``<stem>.png|.md``, ``<stem>.csv`` and ``<stem>.json`` in ``out``, replaced together.
 
     ``add_*`` keep each file's bytes in memory; ``commit`` writes them all to temporary names in ``out`` and then
-    renames them (``biaslab.io.atomic_write_many``), so an interrupted run leaves every figure's files from one run.
+    renames them (``biaslab.core.io.atomic_write_many``), so an interrupted run leaves every figure's files from one
+    run.
     """
 
     out: Path
@@ -84,8 +85,8 @@ TABLE1_MODELS = (  # (model, V, T, seed, kl_scale)
 @figure("table1")
 def table1(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     """Every configuration's exact verdict and matched direction, on a tabular and a neural toy."""
-    from .table import FIELDS, exact_table, table_rows, to_markdown
-    from .toy import make_pair
+    from ..engines.toy import make_pair
+    from ..workflows.table import FIELDS, exact_table, table_rows, to_markdown
 
     art = Artifact(out, "table1")
     rows, sections = [], []
@@ -146,7 +147,7 @@ SEED = 0
 
 
 def _fig2(out: Path, quick: bool, progress: bool, stem: str, by_length: bool) -> list[Path]:
-    from .sweeps import FIG_CONFIGS, ROW_FIELDS, sweep
+    from ..workflows.sweeps import FIG_CONFIGS, ROW_FIELDS, sweep
 
     art = Artifact(out, stem)
     spec = FIG2_LENGTH if by_length else FIG2_KL
@@ -192,7 +193,7 @@ def _fig2(out: Path, quick: bool, progress: bool, stem: str, by_length: bool) ->
     art.add_meta(
         {
             "what": f"exact relative bias and per-sample variance against {x}",
-            "method": "biaslab.exact.ExactEngine (enumeration of all V**T sequences, float64)",
+            "method": "biaslab.engines.exact.ExactEngine (enumeration of all V**T sequences, float64)",
             "configs": [dict(zip(("label", "estimator", "placement", "level", "credit"), c)) for c in FIG_CONFIGS],
             "models": config,
             "quick": quick,
@@ -231,11 +232,11 @@ def mse(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     import torch
     from tqdm.auto import tqdm
 
-    from .exact import ExactEngine
-    from .montecarlo import MonteCarloEngine
-    from .stats import mean_ci, mse_prediction
-    from .sweeps import evaluate_rows, fig_configs
-    from .toy import make_pair
+    from ..engines.exact import ExactEngine
+    from ..engines.montecarlo import MonteCarloEngine
+    from ..engines.stats import mean_ci, mse_prediction
+    from ..engines.toy import make_pair
+    from ..workflows.sweeps import evaluate_rows, fig_configs
 
     art = Artifact(out, "mse")
     sizes = MSE_SIZES_QUICK if quick else MSE_SIZES
@@ -267,15 +268,16 @@ def mse(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     art.add_meta(
         {
             "what": "E||mean of N per-sample gradients - grad KL(pi||pi_ref)||^2 against N",
-            "exact": "||b||^2 + tr Cov[g] / N with b = E[g] - grad KL and tr Cov[g] from biaslab.exact.ExactEngine",
+            "exact": "||b||^2 + tr Cov[g] / N with b = E[g] - grad KL and tr Cov[g] from "
+                     "biaslab.engines.exact.ExactEngine",
             "monte_carlo": {
-                "engine": "biaslab.montecarlo.MonteCarloEngine.sample_grads",
+                "engine": "biaslab.engines.montecarlo.MonteCarloEngine.sample_grads",
                 "rounds": rounds,
                 "n_per_round": n_max,
                 "nested": "the N-sample mean is the mean of the first N samples of each round",
                 "seed": sizes["seed"],
                 "generator": "torch.Generator, seed + config index",
-                "ci": "95% normal interval of the mean over rounds (biaslab.stats.mean_ci)",
+                "ci": "95% normal interval of the mean over rounds (biaslab.engines.stats.mean_ci)",
             },
             "model": dict(zip(("model", "vocab", "length", "seed", "kl_scale"), MSE_MODEL)),
             "configs": list(MSE_CONFIGS),
@@ -359,10 +361,10 @@ def direction_rows(model: str, V: int, T: int, seed: int, kl_scale: float) -> li
 
     ``expected_value`` is grad E_pi[K] of the configuration's own estimator and level: under enumeration it is the
     exact E[g] of that estimator placed in reward + loss with full credit."""
-    from .exact import ExactEngine
-    from .placements import make_config
-    from .toy import make_pair
-    from .verdict import cosine
+    from ..core.placements import make_config
+    from ..core.verdict import cosine
+    from ..engines.exact import ExactEngine
+    from ..engines.toy import make_pair
 
     policy, ref = make_pair(model, V, T, seed=seed, kl_scale=kl_scale)
     engine = ExactEngine(policy, ref)
@@ -412,7 +414,8 @@ def directions(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     art.add_meta(
         {
             "what": "cosine of each configuration's exact E[g] with every named gradient direction",
-            "method": "biaslab.exact.ExactEngine.evaluate and truths; grad E[K] = E[g] of reward+loss, full credit; "
+            "method": "biaslab.engines.exact.ExactEngine.evaluate and truths; grad E[K] = E[g] of reward+loss, "
+                      "full credit; "
             "credit rtg (credit does not change E[g])",
             "directions": list(DIRECTION_COLUMNS),
             "models": [dict(zip(("model", "vocab", "length", "seed", "kl_scale"), m)) for m in models],
@@ -439,7 +442,7 @@ def values(out: Path, quick: bool, progress: bool = False) -> list[Path]:
     Carlo) and the toy models (exact), at KL = 0.005 and 0.5."""
     from tqdm.auto import tqdm
 
-    from .values import gaussian_closed_form, gaussian_monte_carlo, kl_scale_for, toy_exact
+    from ..workflows.values import gaussian_closed_form, gaussian_monte_carlo, kl_scale_for, toy_exact
 
     art = Artifact(out, "values")
     mc = VALUE_MC_QUICK if quick else VALUE_MC
@@ -546,6 +549,6 @@ def make_figures(
     return written
 
 
-from .figures_train import TRAIN_FIGURES  # noqa: E402  (where training ends up: biaslab/figures_train.py)
+from .train import TRAIN_FIGURES  # noqa: E402  (where training ends up: figures/train.py)
 
 _FIGURES.update(TRAIN_FIGURES)

@@ -17,7 +17,6 @@ expectation with grad KL(pi || pi_ref):
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,32 +24,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from .estimators import Estimator, EstimatorError, get_estimator
-from .exact import EnumerationTooLarge, ExactEngine, check_enumerable
-from .placements import KLConfig, make_config
-from .stats import EPS64, ROUNDOFF_COV, Moments, bias_test, mean_is_exact
-from .toy import AutoregressiveModel, TabularAR, make_pair
-from .verdict import DIRECTIONS, format_factor, tolerance
+from ..core.estimators import Estimator, EstimatorError, get_estimator
+from ..core.placements import KLConfig, make_config
+from ..core.verdict import DIRECTIONS, format_factor, tolerance
+from ..engines.exact import EnumerationTooLarge, ExactEngine, check_enumerable
+from ..engines.stats import EPS64, ROUNDOFF_COV, Moments, bias_test, mean_is_exact
+from ..engines.toy import AutoregressiveModel, TabularAR, make_pair
+from .plugins import load_function  # noqa: F401  (re-exported: check's users import it here)
 
 MODES = ("exact", "mc")
 MODEL_KINDS = ("mixed", "tabular", "neural")
-
-
-def load_function(spec: str) -> Callable:
-    """``path/to/file.py:NAME`` or ``package.module:NAME`` -> the callable NAME."""
-    from .cli import import_source
-
-    if ":" not in spec:
-        raise EstimatorError(f"expected MODULE_OR_FILE:FUNCTION, got {spec!r}")
-    where, name = spec.rsplit(":", 1)
-    module = import_source(where, EstimatorError)
-    fn = getattr(module, name, None)
-    if fn is None:
-        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise EstimatorError(f"{where} defines no {name!r}; callables there: {', '.join(found) or 'none'}")
-    if not callable(fn):
-        raise EstimatorError(f"{where}:{name} is not callable")
-    return fn
 
 
 def as_estimator(fn: Callable | Estimator | str, name: str | None = None) -> Estimator:
@@ -125,7 +108,7 @@ class CheckReport:
         return 0 if self.passed else (2 if self.verdict == "undefined" else 1)
 
     def as_dict(self) -> dict:
-        from .io import jsonable
+        from ..core.io import jsonable
 
         return jsonable(asdict(self))
 
@@ -235,7 +218,7 @@ def _check_mc(config: KLConfig, baseline: KLConfig, label: str, policy, ref, n: 
               progress: bool = False):
     """Monte Carlo check on one model at level ``alpha`` (already Bonferroni-corrected by the caller). Every
     sample set is streamed into ``Moments`` chunk by chunk: memory does not grow with n."""
-    from .montecarlo import MonteCarloEngine
+    from ..engines.montecarlo import MonteCarloEngine
 
     mc = MonteCarloEngine(policy, ref)
     gen = torch.Generator().manual_seed(seed)
@@ -373,71 +356,3 @@ def check_estimator(
         samples=samples if mode == "mc" else 0,
         models=checks,
     )
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def unused_flags(args: argparse.Namespace) -> list[str]:
-    """Flags set away from their defaults that this mode / placement does not read (refused, not ignored):
-    ``--samples`` and ``--alpha`` in exact mode, ``--credit`` for a loss (no score-function term to credit)."""
-    from .cli import changed_flags
-
-    unused = ["samples", "alpha"] if args.mode == "exact" else []
-    return changed_flags(args, unused + (["credit"] if args.placement == "loss" else []))
-
-
-def _run(args: argparse.Namespace) -> int:
-    unused = unused_flags(args)
-    if unused:
-        raise ValueError(f"{', '.join(unused)} not read here: --samples and --alpha apply to --mode mc, --credit to "
-                         "--placement reward or both (a loss has no score-function term to credit)")
-    fn = load_function(args.function)
-    same_name = ("mode", "vocab", "length", "models", "samples", "seed", "alpha", "kl_scale")
-    report = check_estimator(
-        fn,
-        args.placement,
-        args.level,
-        args.credit,
-        model_kind=args.model,
-        name=args.function.rsplit(":", 1)[1],
-        progress=bool(args.progress),
-        **{k: getattr(args, k) for k in same_name},
-    )
-    if args.format == "json":
-        from .io import to_json
-
-        print(to_json(report.as_dict()))
-    elif args.format == "csv":
-        print(report.to_frame().to_csv(index=False, lineterminator="\n"), end="")
-    elif args.format == "md":
-        from .io import markdown_table
-
-        print(markdown_table(report.to_frame()))
-    else:
-        print(report.format_text())
-    return report.exit_code
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .cli import HelpFormatter, add_common_flags, positive_int, record_defaults
-
-    p = sub.add_parser(
-        "check",
-        help="is your KL estimator, placed this way, unbiased for grad KL(pi||pi_ref)? (exit 1 when not)",
-        description=__doc__.split("\n\n")[0]
-        + " Exit status: 0 unbiased (exact) or no bias detected (mc), 1 biased / rescaled / zero, 2 bad input or"
-        " an undefined verdict (the toy's true gradient is zero).",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("function", help="MODULE_OR_FILE:FUNCTION, FUNCTION(logp, logp_ref) -> per-token estimate")
-    p.add_argument("--placement", choices=["reward", "loss", "both"], required=True)
-    p.add_argument("--level", choices=["token", "sequence"], default="token")
-    p.add_argument("--credit", choices=["full", "rtg"], default="rtg")
-    p.add_argument("--mode", choices=list(MODES), default="exact")
-    p.add_argument("--models", type=positive_int, default=3, help="number of random toy models")
-    p.add_argument("--samples", type=positive_int, default=20_000, help="mc samples per model")
-    p.add_argument("--model", choices=list(MODEL_KINDS), default="mixed")
-    add_common_flags(p, formats=("text", "json", "csv", "md"), seed=True, toy=True, kl_scale=True, alpha=True)
-    p.set_defaults(func=_run)
-    record_defaults(p, ("samples", "alpha", "credit"))

@@ -8,10 +8,10 @@ Three sources, each reported as ``bias/true = (E[K] - KL) / KL`` and ``stdev/tru
       k2 = delta^2 / 2:       E = KL + KL^2 / 2,  Var = 2 KL^2 + 2 KL^3
       k3 = r - 1 - log r:     E = KL (E r = 1),   Var = e^{2 KL} - 1 - 2 KL
   (Schulman's "Approximating KL divergence" table; the exact k2 bias/true is KL / 2, 0.0025 at KL = 0.005.)
-* **unit Gaussians, Monte Carlo**: seeded draws x ~ q fed to the registered estimators of ``biaslab.estimators``
+* **unit Gaussians, Monte Carlo**: seeded draws x ~ q fed to the registered estimators of ``biaslab.core.estimators``
   (logp = log q(x), logp_ref = log p(x)); reported with standard errors.
 * **a toy autoregressive model, exact**: every sequence enumerated; K(y) = sum_t k(delta_t) (token level) or
-  k(sum_t delta_t) (sequence level) computed by ``biaslab.placements.KLConfig.sequence_value``; the truth is the
+  k(sum_t delta_t) (sequence level) computed by ``biaslab.core.placements.KLConfig.sequence_value``; the truth is the
   sequence-level KL(pi || pi_ref). The policy's ``kl_scale`` is solved for so that the KL hits the target.
 """
 
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .estimators import get_estimator
-from .exact import ExactEngine
-from .placements import make_config
-from .toy import make_pair
+from ..core.estimators import get_estimator
+from ..core.placements import make_config
+from ..engines.exact import ExactEngine
+from ..engines.toy import make_pair
 
 DTYPE = torch.float64
 VALUE_ESTIMATORS = ("k1", "k2", "k3")

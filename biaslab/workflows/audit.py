@@ -1,8 +1,9 @@
 """Audit a framework configuration or a trainer's own loss: exact verdicts on a default toy, and the nearest
 unbiased configuration.
 
-Everything is computed by the exact engine (``biaslab.exact.ExactEngine``) on a small tabular toy (never read from a
-table); the update rule (a preset's recipe, or ``biaslab.userloss.UserLoss``) is evaluated
+Everything is computed by the exact engine (``biaslab.engines.exact.ExactEngine``) on a small tabular toy (never read
+from a
+table); the update rule (a preset's recipe, or ``biaslab.workflows.userloss.UserLoss``) is evaluated
 
 * on-policy with fixed-length responses (the main verdict: estimator, placement, baseline, clipping);
 * on-policy with variable lengths (an end-of-sequence token; adds the aggregation's length effects);
@@ -25,13 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..exact import ExactEngine, ExactResult, config_dtype, enumerate_complete
-from ..recipes import Recipe
-from ..toy import TabularAR
-from ..userloss import DTYPES, UserLoss, UserLossError, precision_report
-from ..verdict import exact_verdict
-from . import get_preset
-from .base import Preset, PresetError
+from ..core.recipes import Recipe
+from ..core.verdict import exact_verdict
+from ..engines.exact import ExactEngine, ExactResult, config_dtype, enumerate_complete
+from ..engines.toy import TabularAR
+from ..frameworks import get_preset
+from ..frameworks.base import Preset, PresetError
+from .userloss import DTYPES, UserLoss, UserLossError, precision_report
 
 REWARDS = ("zero", "binary")
 SCENARIOS = (
@@ -186,7 +187,8 @@ class _WholeUpdate:
 
 def evaluate_whole_update(rule, engine, beta: float):
     """Exact verdict of the whole update against the regularised objective: E[g] = nominal * d with
-    d = grad KL(pi || pi_ref) - grad E_pi[R] / beta (the core verdict rule ``biaslab.verdict.exact_verdict`` with the
+    d = grad KL(pi || pi_ref) - grad E_pi[R] / beta (the core verdict rule ``biaslab.core.verdict.exact_verdict`` with
+    the
     named directions shifted the same way: "reverse_kl" is then grad(beta KL - E[R]) / beta, etc.)."""
     truths = engine.truths()
     task = engine.task_grad() / beta  # (P,)
@@ -399,7 +401,7 @@ def audit(
 
 def audit_defaults(toy: AuditToy | None = None, progress: bool | None = False) -> AuditTable:
     """One audit per framework default (KL switched on where the default has it off), without the search."""
-    from . import PRESETS
+    from ..frameworks import PRESETS
 
     toy = toy or AuditToy()
     cache: dict[int, Engines] = {}
@@ -427,7 +429,7 @@ def audit_loss(
     progress: bool | None = False,
     compute_dtype: str | None = None,
 ) -> dict:
-    """Audit a trainer's own loss function ``fn(batch) -> scalar`` (contract: ``biaslab.userloss``).
+    """Audit a trainer's own loss function ``fn(batch) -> scalar`` (contract: ``biaslab.workflows.userloss``).
 
     Same scenarios, rows and JSON layout as a preset audit; the top-level ``verdict`` is the on-policy
     fixed-length one. ``dtype`` adds a ``precision`` report (value and gradient error against float64).

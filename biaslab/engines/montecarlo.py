@@ -1,10 +1,10 @@
 """Monte Carlo engine: sample groups of responses and compute every group's update g, an estimate of
 grad KL(pi_theta || pi_ref) (reverse, sequence level) times the configuration's nominal scale, with the same
-configuration objects (``biaslab.recipes.Recipe``, ``make_config``) and the same interface as the exact engine.
+configuration objects (``biaslab.core.recipes.Recipe``, ``make_config``) and the same interface as the exact engine.
 
 Groups of B responses are drawn i.i.d. from the behaviour policy mu (the policy itself on-policy), each response
 until EOS or T tokens; a group's update is g = sum_{i,t} a_it grad log pi(y_it|y_i,<t) (+ full-distribution terms)
-with a = dL/dlogp of ``Recipe.batch_loss``, so E[g] here is the exact engine's E[g]. ``biaslab.stats`` turns the
+with a = dL/dlogp of ``Recipe.batch_loss``, so E[g] here is the exact engine's E[g]. ``biaslab.engines.stats`` turns the
 per-group gradients into bias tests and confidence intervals (``moments`` streams them: memory independent of n).
 Per-response gradients are closed form for tabular models (optionally projected on k directions without forming
 the P-vector), torch.func otherwise. Everything is batched and driven by a torch.Generator.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .placements import Coefficients, KLConfig, loss_coefficients, make_config
+from ..core.placements import Coefficients, KLConfig, loss_coefficients, make_config
 from .stats import Moments
 from .toy import DTYPE, AutoregressiveModel, TabularAR, at_tokens, check_models, per_sample_grads
 

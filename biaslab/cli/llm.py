@@ -10,11 +10,11 @@ import argparse
 import sys
 import warnings
 
-from ..io import to_json
+from ..core.io import to_json
 
 
 def _options(args: argparse.Namespace, **over) -> object:
-    from .run import LLMOptions
+    from ..llm.run import LLMOptions
 
     same = ("reference", "prompts", "samples", "direction_samples", "max_new_tokens", "params", "device", "dtype",
             "seed", "batch_size", "lora_rank", "perturb", "target_kl", "train_steps", "projections", "max_dense",
@@ -38,7 +38,7 @@ def _options(args: argparse.Namespace, **over) -> object:
 
 
 def _floats(text: str, name: str, allow_empty: bool = False) -> list[float]:
-    from .models import LLMError
+    from ..llm.models import LLMError
 
     try:
         vals = [float(x) for x in text.split(",") if x.strip() and x.strip() != "0"]
@@ -66,12 +66,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_passes(args: argparse.Namespace) -> int:
-    from .models import LLMError
-    from .run import run_llm
+    from ..llm.models import LLMError
+    from ..llm.run import run_llm
 
     try:
         if args.sweep_kl or args.sweep_lengths:
-            from .sweep import run_sweep
+            from ..llm.sweep import run_sweep
 
             kls = _floats(args.sweep_kl, "--sweep-kl") if args.sweep_kl else [args.target_kl]
             lengths = [int(x) for x in _floats(args.sweep_lengths, "--sweep-lengths")] if args.sweep_lengths \
@@ -81,7 +81,7 @@ def _run_passes(args: argparse.Namespace) -> int:
             report = run_sweep(lambda **over: _options(args, **over), kls, lengths, args.perturb_seeds,
                                args.out or None)
         elif args.perturb_seeds > 1:
-            from .sweep import run_seeds
+            from ..llm.sweep import run_seeds
 
             report = run_seeds(lambda **over: _options(args, **over), args.perturb_seeds)
         else:
@@ -90,17 +90,17 @@ def _run_passes(args: argparse.Namespace) -> int:
         print(f"biaslab llm: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        from .distributed import shutdown
+        from ..llm.distributed import shutdown
 
         shutdown()
     if report is None:  # not rank 0
         return 0
     if args.out and "configs" in report:
-        from .figure import write_figure
+        from ..llm.figure import write_figure
 
         report["written"] = [str(p) for p in write_figure(report, args.out)]
         if report.get("sweep"):
-            from .sweep import write_sweep
+            from ..llm.sweep import write_sweep
 
             report["written"] += [str(p) for p in write_sweep(report["sweep"], args.out)]
     if args.format == "json":
@@ -181,9 +181,9 @@ def to_text(report: dict) -> str:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from ..cli import DEFAULT_ALPHA, probability
-    from .calibration import MIN_CALIBRATED_SAMPLES
-    from .run import DEFAULT_CONFIGS
+    from ..llm.calibration import MIN_CALIBRATED_SAMPLES
+    from ..llm.run import DEFAULT_CONFIGS
+    from .flags import DEFAULT_ALPHA, probability
 
     p = sub.add_parser(
         "llm",
@@ -250,7 +250,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--config", default=None, help="YAML or JSON file of the framework's config keys")
     g.add_argument("--enable-kl", action="store_true", help="switch KL on if the configuration has it off")
     g.add_argument("--loss", action="append", metavar="FILE:FUNC",
-                   help="FUNC(batch) -> scalar loss of one group (biaslab.userloss contract; task rewards 0)")
+                   help="FUNC(batch) -> scalar loss of one group (biaslab.workflows.userloss contract; task rewards 0)")
     g.add_argument("--beta", type=float, default=None, help="the KL coefficient inside --loss (default 1)")
     g.add_argument("--agg", default=None, help="how --loss aggregates tokens, for its nominal scale (default "
                    "seq-mean-token-sum)")

@@ -2,9 +2,9 @@
 
 Training ascends J = E_pi[R] - beta * KL(pi || pi_ref) (the reverse KL, sequence level) with the task reward R(y)
 through the score function and the KL gradient estimated by one configuration (estimator x placement x level, see
-``biaslab.placements``). Its update is E[R(y) grad log pi(y)] - beta * E[g(y)], where g is the configuration's
+``biaslab.core.placements``). Its update is E[R(y) grad log pi(y)] - beta * E[g(y)], where g is the configuration's
 per-sample KL gradient estimate. Which end point that update reaches depends on the divergence E[g] really follows
-(``biaslab.fixedpoints`` gives each end point in closed form).
+(``biaslab.workflows.fixedpoints`` gives each end point in closed form).
 
 * ``mode="exact"`` (``ExactFlow``): every step is the exact expected update, summed over all V**T sequences. On
   tabular models each prefix's logit block is preconditioned by 1/pi(prefix) (the update conditional on reaching the
@@ -13,9 +13,9 @@ per-sample KL gradient estimate. Which end point that update reaches depends on 
   a baseline on the task reward (none / mean / RLOO / GRPO), per-token importance ratios pi/mu with optional PPO
   clipping, SGD or Adam; all seeds advance together as one batched tensor.
 
-Every KL value comes from ``biaslab.estimators``; the coefficients dS/dlogp of the KL terms from
-``biaslab.placements.surrogate_coefficients``, and the Monte Carlo trainer's importance ratios, PPO clipping and KL
-credit from the core recipe's batch loss (``policy_gradient_recipe``, ``biaslab.recipes``). ``logit_grad`` maps
+Every KL value comes from ``biaslab.core.estimators``; the coefficients dS/dlogp of the KL terms from
+``biaslab.core.placements.surrogate_coefficients``, and the Monte Carlo trainer's importance ratios, PPO clipping and KL
+credit from the core recipe's batch loss (``policy_gradient_recipe``, ``biaslab.core.recipes``). ``logit_grad`` maps
 coefficients to the stacked tabular logits of many seeds at once (``TabularAR.weighted_grad`` for one model).
 """
 
@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .exact import enumerate_sequences
+from ..core.placements import Coefficients, loss_coefficients, make_config, surrogate_coefficients
+from ..core.recipes import Recipe
+from ..engines.exact import enumerate_sequences
+from ..engines.stats import clopper_pearson
+from ..engines.toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
 from .fixedpoints import TARGETS, entropy, kl, sequence_log_probs, sequence_probs, targets
-from .placements import Coefficients, loss_coefficients, make_config, surrogate_coefficients
-from .recipes import Recipe
-from .stats import clopper_pearson
-from .toy import DTYPE, AutoregressiveModel, ModelError, TabularAR
 
 if TYPE_CHECKING:  # a configuration from make_config (the core's one configuration type)
-    from .placements import KLConfig
+    from ..core.placements import KLConfig
 
 NO_KL = "none"
 DEFAULT_EXACT_STEPS = 50_000  # V <= 4, T <= 4, beta in [0.3, 1]: the slowest seen reaches L1 1e-6 by ~38,000
@@ -167,7 +167,7 @@ class TabularProblem:
         return sequence_log_probs(self.levels(torch.log_softmax(logits, -1)))
 
     def targets(self, beta: float) -> dict[str, Tensor]:
-        """The closed-form end points at ``beta`` (``biaslab.fixedpoints``), cached."""
+        """The closed-form end points at ``beta`` (``biaslab.workflows.fixedpoints``), cached."""
         if beta not in self._targets:
             q_cond = [torch.softmax(x, -1) for x in self.levels(self.ref_logits)]
             self._targets[beta] = targets(q_cond, self.reward, beta)
@@ -504,7 +504,7 @@ def baseline_advantage(reward: Tensor, kind: str) -> Tensor:
     """(S, N) advantages of sequence rewards (S, N) within each seed's group of N samples.
 
     ``none``: R; ``mean`` (Dr. GRPO): R - mean; ``rloo``: R - mean of the other N-1;
-    ``grpo``: (R - mean) / (std + 1e-6) with the population std (``biaslab.recipes``' group baseline, which
+    ``grpo``: (R - mean) / (std + 1e-6) with the population std (``biaslab.core.recipes``' group baseline, which
     the exact engine uses, takes Bessel's std and keeps R for a group of one; this one is the trainer's own).
     """
     if kind == "none":

@@ -6,7 +6,7 @@
     L(theta) = beta * KL(pi_theta || pi_ref) - E_{y ~ pi_theta}[R(y)]      (reverse KL over complete responses)
 
 so samples drawn from the behaviour are k updates stale for the policy, as in asynchronous or multi-epoch
-training. Gradients come from ``biaslab.exact.ExactEngine`` (enumeration, no sampling noise):
+training. Gradients come from ``biaslab.engines.exact.ExactEngine`` (enumeration, no sampling noise):
 grad E[R] = sum_y pi(y) R(y) grad log pi(y).
 """
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from . import __version__
+from .._version import __version__
 
 PATH_PROBLEM = {"vocab": 3, "length": 4, "seed": 0, "kl_scale": 1.0, "reward": "binary:10", "beta": 0.3}
 PATH_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3:reward,none"
@@ -55,7 +55,7 @@ CONFIG_COLORS = {
 def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict, size: tuple[float, float]):
     """(the figure's ``Artifact`` holding its CSV and JSON, the rows parsed back from the CSV, a new figure of
     ``size`` inches); the caller draws, adds the PNG and commits the three files as one set."""
-    from .figures import Artifact, _new_figure
+    from . import Artifact, _new_figure
 
     art = Artifact(out, stem)
     parsed = art.add_csv(rows, fields)
@@ -68,8 +68,8 @@ def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict
 
 def _problem():
     """(start policy, reference, reward) of ``PATH_PROBLEM``."""
-    from .toy import make_pair
-    from .train import parse_reward
+    from ..engines.toy import make_pair
+    from ..workflows.train import parse_reward
 
     p = PATH_PROBLEM
     policy, ref = make_pair("tabular", p["vocab"], p["length"], seed=p["seed"], kl_scale=p["kl_scale"])
@@ -78,7 +78,7 @@ def _problem():
 
 @lru_cache(maxsize=2)
 def _path_result(quick: bool):
-    from .train import TrainSetup, parse_configs, train
+    from ..workflows.train import TrainSetup, parse_configs, train
 
     setup = TrainSetup(*_problem())
     return train(setup, parse_configs(PATH_CONFIGS), [PATH_PROBLEM["beta"]], steps=PATH_STEPS[quick])
@@ -178,9 +178,9 @@ def entropy_problem(i: int) -> tuple[int, int, str]:
 
 
 def fixed_point_entropy_rows(quick: bool) -> list[dict]:
-    from .fixedpoints import entropy, targets
-    from .toy import TabularAR
-    from .train import parse_reward
+    from ..engines.toy import TabularAR
+    from ..workflows.fixedpoints import entropy, targets
+    from ..workflows.train import parse_reward
 
     rows = []
     for i in range(ENTROPY_PROBLEMS[quick]):
@@ -226,7 +226,7 @@ def train_fixed_point_entropy(out: Path, quick: bool, progress: bool = False) ->
 
 
 def _mc(config: str, beta: float, quick: bool, **kw) -> dict:
-    from .train import MonteCarloTrainer, TabularProblem, parse_config
+    from ..workflows.train import MonteCarloTrainer, TabularProblem, parse_config
 
     policy, ref, reward = _problem()
     pb = TabularProblem(ref, reward)
@@ -312,8 +312,8 @@ def write_train_artifacts(result, meta: dict, out: str | Path) -> list[Path]:
     """``train.csv`` (every recorded step and target), ``train.json`` (meta + runs without trajectories) and
     ``train.png`` (reward against reverse KL, entropy over training) for one ``biaslab train`` call."""
     out = Path(out)
-    from .figures import Artifact, _new_figure
-    from .io import to_json
+    from ..core.io import to_json
+    from . import Artifact, _new_figure
 
     art = Artifact(out, "train")
     parsed = art.add_csv(path_rows(result), PATH_FIELDS)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .exact import ExactEngine
-from .io import Rows
-from .placements import KLConfig, all_configs, make_config
-from .toy import make_pair
-from .verdict import cosine
+from ..core.io import Rows
+from ..core.placements import KLConfig, all_configs, make_config
+from ..core.verdict import cosine
+from ..engines.exact import ExactEngine
+from ..engines.toy import make_pair
 
 #: The configurations of the paper's Fig. 2 analog: (short plot label, estimator, placement, level, credit).
 FIG_CONFIGS: tuple[tuple[str, str, str, str, str | None], ...] = (
