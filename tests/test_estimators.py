@@ -46,7 +46,7 @@ GRAD_CASES = {
     "abs_st_k2": lambda d: d,
     "k3_lowclamp": lambda d: (1 - math.exp(-d)) if d > -10 and math.exp(-d) - 1 + d < 10 else 0.0,
 }
-FULL_CASES = {"rb"}  # tested separately (needs full distributions)
+FULL_CASES = {"rb", "neg_entropy"}  # tested separately (full distributions; neg_entropy in test_objectives.py)
 
 DELTAS = [-25.0, -12.0, -3.0, -0.7, -0.1, 0.05, 0.4, 2.5, 6.0, 30.0]
 

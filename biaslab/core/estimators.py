@@ -43,12 +43,16 @@ class Estimator:
         description: one line with the formula.
         needs_full_logits: capability flag: the estimator reads the whole next-token distribution,
             so it has no sequence-level form and the LLM path must keep full logits.
+        clamp_mask: where the estimator's clamps bite (gradient zeroed), or None for an estimator without clamps.
     """
 
     name: str
     fn: EstimatorFn
     description: str = ""
     needs_full_logits: bool = False
+    #: optional ``clamp_mask(logp, logp_ref) -> bool Tensor`` (the output's shape): where a clamp is active, so the
+    #: estimator's gradient there is zero whatever the log-probabilities (the engines report that token mass)
+    clamp_mask: EstimatorFn | None = None
 
     def __call__(self, logp: Tensor, logp_ref: Tensor) -> Tensor:
         """Evaluate and validate: the result must have the expected shape and be finite."""
@@ -146,8 +150,20 @@ def clamped(
             out = out.clamp(-output_clamp, output_clamp)
         return out
 
+    def active(logp: Tensor, logp_ref: Tensor) -> Tensor:
+        delta = logp - logp_ref
+        hit = torch.zeros_like(delta, dtype=torch.bool)
+        if input_clamp is not None:
+            lo, hi = input_clamp if isinstance(input_clamp, tuple) else (-input_clamp, input_clamp)
+            hit = hit | (delta < lo if lo is not None else hit) | (delta > hi if hi is not None else hit)
+            logp = logp_ref + delta.clamp(lo, hi)
+        if output_clamp is not None:
+            hit = hit | (base.fn(logp, logp_ref).abs() > output_clamp)
+        return hit
+
     auto = f"{base.name}_clamped" if name is None else name
-    return Estimator(auto, fn, f"{base.name} with delta in +-{input_clamp}, value in +-{output_clamp}")
+    return Estimator(auto, fn, f"{base.name} with delta in +-{input_clamp}, value in +-{output_clamp}",
+                     clamp_mask=active)
 
 
 def straight_through(value: Estimator | str, grad: Estimator | str, name: str | None = None) -> Estimator:
@@ -162,6 +178,72 @@ def straight_through(value: Estimator | str, grad: Estimator | str, name: str | 
         return value.fn(logp, logp_ref).detach() + (g - g.detach())
 
     return Estimator(name or f"{value.name}_st_{grad.name}", fn, f"value of {value.name}, gradient of {grad.name}")
+
+
+# ---------------------------------------------------------------- full-distribution estimators (distillation)
+
+
+def full_divergence(name: str, divergence: Callable[[Tensor, Tensor], Tensor], description: str,
+                    min_clamp: float | None = None, max_clamp: float | None = None) -> Estimator:
+    """A per-token estimate that is itself a next-token divergence D(pi(.|prefix), pi_ref(.|prefix)) computed from
+    the whole distributions (``needs_full_logits``), optionally clamped to [min_clamp, max_clamp] afterwards (verl
+    clamps its top-k forward KL at 0 from below); the clamp mask marks where either bound is active."""
+
+    def fn(logp_full: Tensor, logp_ref_full: Tensor) -> Tensor:
+        out = divergence(logp_full, logp_ref_full)
+        if min_clamp is not None or max_clamp is not None:
+            out = out.clamp(min_clamp, max_clamp)
+        return out
+
+    def active(logp_full: Tensor, logp_ref_full: Tensor) -> Tensor:
+        out = divergence(logp_full, logp_ref_full)
+        hit = torch.zeros_like(out, dtype=torch.bool)
+        if min_clamp is not None:
+            hit = hit | (out < min_clamp)
+        if max_clamp is not None:
+            hit = hit | (out > max_clamp)
+        return hit
+
+    clamps = min_clamp is not None or max_clamp is not None
+    return Estimator(name, fn, description, needs_full_logits=True, clamp_mask=active if clamps else None)
+
+
+def topk_reverse_kl_student(k: int) -> Estimator:
+    """miles' top-k OPD penalty (``--opd-log-prob-top-k K``, strategy ``only-student``, weights ``student_p``):
+    sum_{v in S} w_v (log p_v - log q_v) over the student's top-k tokens S, w = p renormalised on S. A function of
+    the prefix only: it never reads the sampled token."""
+    from .objectives import renormalised_topk, topk_mask
+
+    def d(p_log: Tensor, q_log: Tensor) -> Tensor:
+        keep = topk_mask(p_log, k)
+        w = renormalised_topk(p_log, keep).exp()
+        return torch.where(keep, w * (p_log - q_log), torch.zeros_like(p_log)).sum(-1)
+
+    return full_divergence(f"rkl_topk_student:{k}", d, f"miles top-{k} reverse KL on the student's top tokens")
+
+
+def _factory(name: str, params: list[str]) -> Estimator:
+    from . import objectives as ob
+
+    if name == "fkl_topk":  # verl forward_kl_topk: K[, loss_max_clamp]; clamp_min(0) always (losses.py:365)
+        k = int(params[0])
+        hi = float(params[1]) if len(params) > 1 else None
+        return full_divergence(f"fkl_topk:{':'.join(params)}", ob.forward_kl_topk(k), f"verl forward_kl_topk, K={k},"
+                               " clamped at 0 from below", min_clamp=0.0, max_clamp=hi)
+    if name == "jsd":
+        beta = float(params[0])
+        return full_divergence(f"jsd:{params[0]}", ob.jsd(beta), f"generalized JSD, beta={beta} (TRL GKD)")
+    if name == "mixed_topk":
+        k, w = int(params[0]), float(params[1])
+        return full_divergence(f"mixed_topk:{params[0]}:{params[1]}", ob.mixed_kl_topk(k, w),
+                               f"NeMo-RL top-{k} renormalised mixed KL, forward weight {w}")
+    if name == "rkl_topk_student":
+        return topk_reverse_kl_student(int(params[0]))
+    raise KeyError(name)
+
+
+#: estimators built from parameters: ``get_estimator("fkl_topk:32")`` (name -> parameters they take)
+FACTORIES = {"fkl_topk": "K[:MAX]", "jsd": "BETA", "mixed_topk": "K:W", "rkl_topk_student": "K"}
 
 
 # ---------------------------------------------------------------- registry
@@ -181,7 +263,7 @@ def register_estimator(
     if not overwrite and name in _REGISTRY:
         raise EstimatorError(f"estimator {name!r} is already registered (pass overwrite=True to replace it)")
     if isinstance(fn, Estimator):
-        est = Estimator(name, fn.fn, description or fn.description, fn.needs_full_logits)
+        est = Estimator(name, fn.fn, description or fn.description, fn.needs_full_logits, fn.clamp_mask)
     else:
         if not callable(fn):
             raise EstimatorError(f"estimator {name!r}: {fn!r} is not callable")
@@ -194,10 +276,16 @@ def get_estimator(name: str | Estimator) -> Estimator:
     """Look up an estimator by name (an ``Estimator`` passes through)."""
     if isinstance(name, Estimator):
         return name
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise EstimatorError(f"unknown estimator {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+    base, *params = str(name).split(":")
+    if base in FACTORIES and params:
+        try:
+            return _factory(base, params)
+        except (ValueError, IndexError) as exc:
+            raise EstimatorError(f"estimator {name!r}: parameters are {base}:{FACTORIES[base]} ({exc})") from None
+    known = ", ".join(sorted(_REGISTRY)) + "; with parameters: " + ", ".join(f"{k}:{v}" for k, v in FACTORIES.items())
+    raise EstimatorError(f"unknown estimator {name!r}; registered: {known}")
 
 
 def registered_estimators() -> dict[str, Estimator]:
@@ -210,6 +298,8 @@ register_estimator("k2", k2)
 register_estimator("k3", k3)
 register_estimator("abs", abs_delta)
 register_estimator("rb", rb_full, needs_full_logits=True)
+register_estimator("neg_entropy", full_divergence("neg_entropy", lambda p, q: (p.exp() * p).sum(-1),
+                                                  "-H(pi(.|prefix)) = sum_v p_v log p_v: an entropy bonus's loss"))
 register_estimator("k1_clamped", clamped("k1", output_clamp=10.0))
 register_estimator("k2_clamped", clamped("k2", output_clamp=10.0))
 register_estimator("k3_clamped", clamped("k3", input_clamp=20.0, output_clamp=10.0))

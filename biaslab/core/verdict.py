@@ -1,9 +1,11 @@
 """The named gradient directions, the one tolerance policy and the one verdict rule.
 
 Every exact verdict biaslab prints (table, check, audit, figures, train, notebooks) comes from ``exact_verdict``;
-every Monte Carlo verdict from ``mc_verdict``. The objective is the sequence-level reverse KL(pi_theta || pi_ref);
-a configuration's expected update E[g] is compared with ``nominal * grad KL(pi || pi_ref)``, where ``nominal`` is
-the scale an unbiased configuration must have (beta, batch size, aggregation constant; 1 for ``make_config``).
+every Monte Carlo verdict from ``mc_verdict``. The objective is the sequence-level reverse KL(pi_theta || pi_ref)
+unless another is named (``target``: any objective of ``biaslab.core.objectives``, e.g. a per-token divergence to a
+distillation teacher); a configuration's expected update E[g] is compared with ``nominal * grad objective``, where
+``nominal`` is the scale an unbiased configuration must have (beta, batch size, aggregation constant; 1 for
+``make_config``). "grad KL" below stands for the target's gradient.
 
 Exact verdicts (all relative, so invariant under beta and under the scale of the gradient):
 
@@ -30,13 +32,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-#: Named directions, in the order a match is reported (``zero`` and ``expected_value`` are handled specially).
+from .objectives import OBJECTIVES
+
+#: The directions every exact verdict is matched against, in the order a match is reported (``zero`` and
+#: ``expected_value`` are handled specially). Any other objective of ``biaslab.core.objectives`` joins them when it
+#: is the target.
+STANDARD = ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token")
 DIRECTIONS = {
-    "reverse_kl": "grad KL(pi || pi_ref), sequence level (the objective)",
-    "forward_kl": "grad KL(pi_ref || pi), sequence level",
-    "forward_kl_token": "sum_t E_prefix grad KL(pi_ref(.|prefix) || pi(.|prefix)), prefix law held fixed",
-    "reverse_kl_token": "sum_t E_prefix grad KL(pi(.|prefix) || pi_ref(.|prefix)), prefix law held fixed",
+    **{k: OBJECTIVES[k] for k in STANDARD},
     "expected_value": "grad E_pi[K]: the derivative of the estimator's own expected value",
+    **{k: v for k, v in OBJECTIVES.items() if k not in STANDARD},
+    "sampler": "grad E_mu[sum_t (log pi - log mu)^2] with the sampler mu fixed (a pull toward the sampler)",
     "zero": "0: the gradient vanishes in expectation",
 }
 
@@ -90,6 +96,7 @@ class Verdict:
     cos_forward: float = math.nan
     tolerance: float = math.nan
     dtype: str = "float64"
+    target: str = "reverse_kl"  # the objective E[g] was judged against
 
     @property
     def direction(self) -> str:
@@ -99,7 +106,11 @@ class Verdict:
         return next(iter(self.matches), "none")
 
     def describe(self) -> str:
-        """One phrase: 'unbiased', 'rescaled x0.5', 'biased, follows forward_kl_token', ..."""
+        """One phrase: 'unbiased', 'rescaled x0.5', 'biased, follows forward_kl_token', ... ('unbiased for
+        reverse_kl_token' when judged against another objective than the reverse KL)."""
+        if self.target != "reverse_kl" and self.verdict in ("unbiased", "rescaled"):
+            what = "unbiased" if self.verdict == "unbiased" else f"rescaled x{format_factor(self.factor)}"
+            return f"{what} for {self.target}"
         if self.verdict == "rescaled":
             return f"rescaled x{format_factor(self.factor)}"
         if self.verdict == "biased":
@@ -148,34 +159,37 @@ def exact_verdict(
     rms: float,
     undefined: bool,
     dtype: torch.dtype = torch.float64,
+    target: str = "reverse_kl",
 ) -> Verdict:
     """Apply the verdict rule (module docstring) to an exact expected update.
 
     Args:
         mean: (P,) E[g].
-        directions: name -> (P,) named gradient directions (or ``Directions``); must hold ``reverse_kl`` and
-            ``forward_kl`` and may hold ``forward_kl_token``, ``reverse_kl_token``, ``expected_value`` (order =
-            report order; zero vectors never match).
+        directions: name -> (P,) named gradient directions (or ``Directions``); must hold ``target`` and
+            ``reverse_kl`` and ``forward_kl``, and may hold ``forward_kl_token``, ``reverse_kl_token``,
+            ``expected_value`` and other objectives (order = report order; zero vectors never match).
         nominal: c, the scale of an unbiased update (0: the configuration has no KL term: verdict ``no_kl``).
         rms: sqrt(E||g||^2), the size of one update: the round-off floor is relative to it.
-        undefined: the true gradient is zero (see ``true_gradient_is_zero``).
+        undefined: the target's gradient is zero (see ``true_gradient_is_zero``).
         dtype: the lowest precision the configuration's code computes in.
+        target: the objective E[g] should follow (``biaslab.core.objectives``; default the reverse KL).
     """
     tol, e = tolerance(dtype), eps(dtype)
     floor = ROUNDOFF * e * rms
-    out = Verdict("biased", math.nan, math.nan, math.nan, tolerance=tol, dtype=str(dtype).replace("torch.", ""))
+    out = Verdict("biased", math.nan, math.nan, math.nan, tolerance=tol, dtype=str(dtype).replace("torch.", ""),
+                  target=target)
     if undefined or nominal == 0:  # the true gradient is zero, or the configuration has no KL term
         out.verdict = "undefined" if undefined else "no_kl"
         return out
     dirs = directions if isinstance(directions, Directions) else Directions(directions)
-    rev = dirs["reverse_kl"]
-    target = nominal * rev
-    tnorm, gnorm = float(target.norm()), float(mean.norm())
-    miss = float((mean - target).norm())
+    rev = dirs[target]
+    target_vec = nominal * rev
+    tnorm, gnorm = float(target_vec.norm()), float(mean.norm())
+    miss = float((mean - target_vec).norm())
     out.rel_bias = miss / tnorm
     md = dict(zip(dirs.names, dirs.dots(mean)))  # <E g, d>
     sq = dict(zip(dirs.names, dirs.sq))  # ||d||^2
-    out.scale = md["reverse_kl"] / (nominal * sq["reverse_kl"])
+    out.scale = md[target] / (nominal * sq[target])
     if miss <= tol * tnorm + floor:
         out.verdict = "unbiased"
     elif gnorm <= tol * tnorm + floor:
@@ -197,15 +211,16 @@ def exact_verdict(
         if s > 0 and mm * (1 - c * c) <= reach**2 + 1e-9 * mm and float((mean - s * dirs[name]).norm()) <= reach:
             out.matches[name] = s / nominal
     out.nearest, out.nearest_cos = best, best_cos
-    if out.verdict == "biased" and "reverse_kl" in out.matches:
+    if out.verdict == "biased" and target in out.matches:
         out.verdict = "rescaled"
-        out.factor = out.matches["reverse_kl"]
+        out.factor = out.matches[target]
     return out
 
 
 __all__ = [
     "DIRECTIONS",
     "Directions",
+    "STANDARD",
     "EXACT_VERDICTS",
     "MC_VERDICTS",
     "Verdict",
