@@ -79,7 +79,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
     that are not bitwise reproducible would), so only the broadcast makes both ranks sample the same pi_theta."""
     import warnings
 
-    import biaslab.llm.run as run_mod
+    import biaslab.llm.setup as run_mod  # build() trains the adapter there
     from biaslab.llm.policy import lora_modules
 
     warnings.simplefilter("ignore")

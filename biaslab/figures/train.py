@@ -22,6 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from .._version import __version__
+from .artifact import Artifact, new_figure
+from .registry import figure
 
 PATH_PROBLEM = {"vocab": 3, "length": 4, "seed": 0, "kl_scale": 1.0, "reward": "binary:10", "beta": 0.3}
 PATH_CONFIGS = "k1:reward,k3:both,k3:loss,k3:loss:sequence,k2:loss,k1:loss,k3:reward,none"
@@ -55,12 +57,11 @@ CONFIG_COLORS = {
 def _write(out: Path, stem: str, rows: list[dict], fields: list[str], meta: dict, size: tuple[float, float]):
     """(the figure's ``Artifact`` holding its CSV and JSON, the rows parsed back from the CSV, a new figure of
     ``size`` inches); the caller draws, adds the PNG and commits the three files as one set."""
-    from . import Artifact, _new_figure
 
     art = Artifact(out, stem)
     parsed = art.add_csv(rows, fields)
     art.add_meta(meta, seed=meta.get("seed"))
-    return art, parsed, _new_figure(*size)
+    return art, parsed, new_figure(*size)
 
 
 # ------------------------------------------------------------------------------------------ the exact paths
@@ -303,6 +304,8 @@ TRAIN_FIGURES: dict[str, Callable[..., list[Path]]] = {
     "train_collapse_beta": train_collapse_beta,
     "train_lag_grid": train_lag_grid,
 }
+for _name, _fn in TRAIN_FIGURES.items():  # registered with ``biaslab figures``, after the exact families
+    figure(_name)(_fn)
 
 
 # ------------------------------------------------------------------------------------------ biaslab train --out
@@ -313,12 +316,11 @@ def write_train_artifacts(result, meta: dict, out: str | Path) -> list[Path]:
     ``train.png`` (reward against reverse KL, entropy over training) for one ``biaslab train`` call."""
     out = Path(out)
     from ..core.io import to_json
-    from . import Artifact, _new_figure
 
     art = Artifact(out, "train")
     parsed = art.add_csv(path_rows(result), PATH_FIELDS)
     art.add(".json", to_json({"biaslab_version": __version__, "meta": meta, **result.as_dict(with_trajectory=False)}))
-    fig = _new_figure(14, 4.5)
+    fig = new_figure(14, 4.5)
     a, b = fig.subplots(1, 2)
     plot_paths(a, parsed)
     plot_entropy(b, parsed)
