@@ -54,7 +54,9 @@ class ObjectiveError(ValueError):
 def kl(a_log: Tensor, b_log: Tensor) -> Tensor:
     """KL(a || b) = sum_v a_v (log a_v - log b_v) of two log-distributions (..., V) -> (...); 0 log 0 = 0."""
     a = a_log.exp()
-    return torch.where(a > 0, a * (a_log - b_log), torch.zeros_like(a)).sum(-1)
+    live = a > 0  # entries off the support (log -inf) are replaced before the product, so no 0 * inf in backward
+    zero = torch.zeros_like(a)
+    return torch.where(live, a * (torch.where(live, a_log, zero) - torch.where(live, b_log, zero)), zero).sum(-1)
 
 
 def reverse_kl(p_log: Tensor, q_log: Tensor) -> Tensor:
@@ -145,8 +147,8 @@ class Objective:
 
 
 SEQUENCE = {
-    "reverse_kl": "grad KL(pi || pi_ref), sequence level (the RL objective; OPD: KL(student || teacher))",
-    "forward_kl": "grad KL(pi_ref || pi), sequence level (= the per-prefix forward KL on pi_ref's prefixes)",
+    "reverse_kl": "grad KL(pi || pi_ref), sequence level (the objective)",
+    "forward_kl": "grad KL(pi_ref || pi), sequence level",
     "neg_entropy": "grad -H(pi), sequence level (what an entropy bonus on whole responses descends)",
 }
 

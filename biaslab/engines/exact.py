@@ -63,6 +63,8 @@ class ExactResult:
     variance: float  # E||g - E g||^2 (trace of the covariance)
     nominal_scale: float  # c: an unbiased configuration has E g = c * grad KL
     info: Verdict
+    #: share of the expected tokens where the loss estimator's clamps zero its gradient (None: no clamps)
+    clamped_fraction: float | None = None
 
     # the verdict's fields, flat
     verdict = property(lambda self: self.info.verdict)
@@ -101,6 +103,8 @@ class ExactResult:
             "nominal_scale": self.nominal_scale,
             "dtype": self.info.dtype,
             "tolerance": self.info.tolerance,
+            "objective": self.info.target,
+            "clamped_fraction": self.clamped_fraction,
         }
         if with_grad:
             d["expected_grad"] = self.expected_grad.tolist()
@@ -188,13 +192,16 @@ class ExactEngine(Enumeration, TruthsMixin, Fields):
         self._tok_gram: Tensor | bool | None = None
         self._pair_gram: Tensor | bool | None = None
         self._value_grads: dict = {}
+        self._objective_dirs: dict = {}  # objective name -> (P,) its gradient (``direction``)
         self._kl: dict = {}  # (estimator, level) -> its values and derivative on every response (``_kl_values``)
         self._fields: dict = {}  # field key -> Coefficients of one response's update (B = 1)
         self._means: dict = {}  # field key -> (P,) sum_n mu(y_n) g_n
         self._dots: dict = {}  # (key, key) -> sum_n mu(y_n) g_n . g'_n
 
-    def evaluate(self, config) -> ExactResult:
-        """Exact expected update, variance, verdict (``biaslab.core.verdict``) and matched directions of ``config``."""
+    def evaluate(self, config, objective: str = "reverse_kl") -> ExactResult:
+        """Exact expected update, variance, verdict (``biaslab.core.verdict``) and matched directions of ``config``,
+        judged against ``objective`` (any name of ``biaslab.core.objectives``; default the sequence-level reverse KL
+        to pi_ref, which in distillation is the teacher)."""
         tr = self.truths()
         mean, second, wstd = self.moments(config)
         variance = max(second - float(mean @ mean), 0.0)
@@ -206,11 +213,19 @@ class ExactEngine(Enumeration, TruthsMixin, Fields):
         if self._directions is None:  # stacked once per engine (batched dot products in the verdict rule)
             self._directions = Directions({k: named(v) for k, v in tr.directions.items() if k != "zero"})
         directions = self._directions
+        undefined = tr.undefined
+        if objective not in directions.names:
+            target = self.direction(objective)
+            directions = directions.extended({objective: named(target)})
+            undefined = true_gradient_is_zero(float(target.norm()), tr.score_rms)
         ev = self.expected_value_grad(config) if isinstance(config, Recipe) else None
         if ev is not None:
             directions = directions.extended({"expected_value": named(ev)})
-        info = exact_verdict(mean, directions, nominal, math.sqrt(max(second, 0.0)), tr.undefined, config_dtype(config))
-        return ExactResult(config, mean.detach(), variance, nominal, info)
+        info = exact_verdict(mean, directions, nominal, math.sqrt(max(second, 0.0)), undefined, config_dtype(config),
+                             target=objective)
+        est = getattr(config, "loss_estimator", None) if getattr(config, "has_loss_kl", False) else None
+        clamp = None if est is None else self.clamped_fraction(est, getattr(config, "level", "token"))
+        return ExactResult(config, mean.detach(), variance, nominal, info, clamp)
 
     def evaluate_all(self, configs: list, progress: bool = False) -> list[ExactResult]:
         """``evaluate`` every configuration, under the thread policy for the enumeration's size."""

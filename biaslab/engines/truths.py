@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.objectives import objective as named_objective
 from ..core.placements import Coefficients, input_grads, make_config
 from ..core.recipes import Recipe, token_values
 from ..core.verdict import true_gradient_is_zero
@@ -173,6 +174,60 @@ class TruthsMixin:
                 (w[:, None] * m * (p_full * (self.logp_full - self.logp_ref_full)).sum(-1)).sum()
             ),
         }
+
+    def direction(self, name: str) -> Tensor:
+        """(P,) the gradient of the objective ``name`` (``biaslab.core.objectives``) over complete responses.
+
+        The standard four come from ``truths``. Otherwise, with w(y) = pi(y) and m the response mask:
+
+            neg_entropy (sequence)    grad E_pi[log pi(y)] = sum_y pi(y) (log pi(y) + 1) grad log pi(y)
+            per prefix, law L         sum_y L(y) sum_t sum_v dD/dlogp_v (pi(.|y_<t), pi_ref(.|y_<t))
+                                      * grad log pi(v|y_<t),  L = pi (law "policy") or pi_ref (law "reference")
+
+        where dD/dlogp_v is autograd of the divergence through the student's log-distribution at each visited prefix
+        (exact: grad_theta D = sum_v dD/dlogp_v grad_theta log p_v), the prefix law held fixed.
+        """
+        if name in ("reverse_kl", "forward_kl", "forward_kl_token", "reverse_kl_token", "zero"):
+            return self.truths().directions[name]
+        if name in self._objective_dirs:
+            return self._objective_dirs[name]
+        obj = named_objective(name)
+        if self.chunk_size is not None:
+            self._objective_dirs[name] = self._sum_chunks(lambda sub: sub.direction(name))
+            return self._objective_dirs[name]
+        w, m = self.weights, self.mask  # (N,), (N, T)
+        if obj.kind == "sequence":  # only neg_entropy is not among the standard four
+            d = self.weighted_grad((w * (self.logp_seq.detach() + 1))[:, None] * m, None)
+        else:
+            law = w if obj.law == "policy" else self.logp_ref_seq.exp()  # (N,) probability of each response's prefixes
+            leaf = self._logp_full_det.clone().requires_grad_(True)  # (N, T, V)
+            with torch.enable_grad():
+                (c,) = input_grads(obj.divergence(leaf, self.logp_ref_full).sum(), [leaf])  # (N, T, V) dD/dlogp
+            d = self.weighted_grad(None, (law[:, None] * m)[..., None] * c)
+        self._objective_dirs[name] = d
+        return d
+
+    def clamped_fraction(self, est, level: str = "token") -> float | None:
+        """The share of the expected response tokens (prefixes weighted by mu) at which ``est``'s clamps are active,
+        i.e. where its gradient is zeroed whatever the log-probabilities (None: no clamps, or a sequence-level
+        estimate). sum_y mu(y) sum_t m_t 1[clamp active at t] / sum_y mu(y) sum_t m_t."""
+        mask_fn = getattr(est, "clamp_mask", None)
+        if mask_fn is None or level != "token":
+            return None
+        if self.chunk_size is not None:
+            hit, tot = self._sum_chunks(lambda sub: sub._clamp_counts(est))
+            return hit / tot
+        hit, tot = self._clamp_counts(est)
+        return hit / tot
+
+    def _clamp_counts(self, est) -> tuple[float, float]:
+        with torch.no_grad():
+            if est.needs_full_logits:
+                active = est.clamp_mask(self._logp_full_det, self.logp_ref_full)  # (N, T)
+            else:
+                active = est.clamp_mask(self.logp, self.logp_ref)  # (N, T)
+        wm = self.prob_mu[:, None] * self.mask  # (N, T)
+        return float((wm * active.to(wm.dtype)).sum()), float(wm.sum())
 
     def task_grad(self) -> Tensor:
         """(P,) grad E_pi[R] = sum_y pi(y) R(y) grad log pi(y) (zeros without a task reward)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..core.io import csv_text
 from ..core.io import to_json as _json_text
 from ..core.placements import all_configs
-from ..core.verdict import DIRECTIONS
+from ..core.verdict import DIRECTIONS, STANDARD
 from ..engines.exact import ExactEngine, ExactResult
 from ..engines.toy import AutoregressiveModel
 
@@ -70,7 +70,8 @@ def to_markdown(results: list[ExactResult], engine: ExactEngine, title: str = ""
             f"{d['matches']} |"
         )
     lines += ["", "Directions:", ""]
-    lines += [f"- `{k}`: {v}" for k, v in DIRECTIONS.items()] + ["- `none`: none of the above", ""]
+    shown = (*STANDARD, "expected_value", "zero")  # the directions a table row is matched against
+    lines += [f"- `{k}`: {DIRECTIONS[k]}" for k in shown] + ["- `none`: none of the above", ""]
     if tr.undefined:
         lines.insert(4 if title else 2, "**The policy equals the reference: the true gradient is zero and every "
                      "verdict is undefined.**")
